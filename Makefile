@@ -1,0 +1,35 @@
+# Two commands on a fresh machine:  make demo   (the main job)   and   make test
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+TORCH_VERSION ?= 2.13.0
+export OMP_NUM_THREADS ?= 1
+export HF_HUB_OFFLINE ?= 1
+export TRL_EXPERIMENTAL_SILENCE ?= 1
+
+.PHONY: install demo test lint default-model clean
+
+# Idempotent: the stamp is rebuilt only when the requirements change.
+install: $(VENV)/.installed
+$(VENV)/.installed: requirements.txt requirements-dev.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch first, pinned: an unpinned torch would pull a multi-GB CUDA build on a CPU machine
+	$(BIN)/pip install -q torch==$(TORCH_VERSION)
+	$(BIN)/pip install -q -r requirements.txt -r requirements-dev.txt
+	touch $@
+
+default-model: install
+	$(BIN)/python -m medicalgpt.default_model
+
+demo: install
+	PATH=$(CURDIR)/$(BIN):$$PATH bash run_demo.sh
+
+test: install
+	$(BIN)/python -m pytest -q tests
+
+lint: install
+	$(BIN)/ruff check .
+
+clean:
+	rm -rf models outputs-* runs .pytest_cache

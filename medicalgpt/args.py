@@ -1,0 +1,118 @@
+"""Arguments shared by the stages, and one parser for CLI flags, JSON and YAML config files.
+
+A stage combines these dataclasses with its trainer's config (TrainingArguments, SFTConfig, ...):
+
+    model_args, lora_args, data_args, training_args = parse_args(
+        (ModelArguments, LoraArguments, ChatDataArguments, SFTConfig), defaults={"output_dir": "outputs-sft"})
+
+Unknown or abbreviated flags are errors, and so are unknown keys in a config file.
+"""
+
+import json
+import sys
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+from transformers import HfArgumentParser
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str | None = field(default=None, metadata={
+        "help": "Hub name or local path. Default: the embedded default model (built on demand)."})
+    tokenizer_name_or_path: str | None = field(default=None, metadata={"help": "Default: the model's tokenizer."})
+    dtype: str = field(default="auto", metadata={
+        "help": "Weights dtype. auto = bfloat16 on a GPU that supports it, float16 on other GPUs, float32 on CPU.",
+        "choices": ["auto", "float32", "bfloat16", "float16"]})
+    attn_implementation: str = field(default="sdpa", metadata={
+        "help": "Attention kernel; flash_attention_2 needs the flash-attn package and a CUDA GPU.",
+        "choices": ["sdpa", "eager", "flash_attention_2"]})
+    trust_remote_code: bool = field(default=False, metadata={"help": "Run model code shipped with the checkpoint."})
+    rope_scaling: str | None = field(default=None, metadata={
+        "help": "Extend the context: TYPE:FACTOR, e.g. linear:2.0, dynamic:2.0 or yarn:4.0."})
+    load_in_4bit: bool = field(default=False, metadata={"help": "QLoRA: load the base in 4-bit (bitsandbytes)."})
+    load_in_8bit: bool = field(default=False, metadata={"help": "Load the base in 8-bit (bitsandbytes)."})
+    bnb_4bit_quant_type: str = field(default="nf4", metadata={"choices": ["nf4", "fp4"]})
+    bnb_4bit_use_double_quant: bool = field(default=True, metadata={"help": "Quantize the 4-bit scales too."})
+
+
+@dataclass
+class LoraArguments:
+    use_peft: bool = field(default=True, metadata={
+        "help": "Train a LoRA adapter; --use_peft False = full fine-tuning."})
+    lora_rank: int = field(default=8)
+    lora_alpha: float = field(default=16.0)
+    lora_dropout: float = field(default=0.05)
+    target_modules: str = field(default="all", metadata={
+        "help": "Comma-separated module names, or 'all' = every linear layer except the output head and MoE routers."})
+    modules_to_save: str | None = field(default=None, metadata={
+        "help": "Comma-separated modules trained in full and saved with the adapter, e.g. embed_tokens,lm_head."})
+    use_dora: bool = field(default=False, metadata={"help": "Weight-decomposed LoRA (DoRA)."})
+    use_rslora: bool = field(default=False, metadata={"help": "Rank-stabilised LoRA scaling (alpha / sqrt(rank))."})
+    peft_path: str | None = field(default=None, metadata={"help": "Continue training this LoRA adapter."})
+
+
+@dataclass
+class DataArguments:
+    train_file_dir: str | None = field(default=None, metadata={
+        "help": "Directory (searched recursively) or file(s) of .txt/.json/.jsonl/.parquet; comma-separated."})
+    validation_file_dir: str | None = field(default=None, metadata={"help": "Like --train_file_dir, for validation."})
+    dataset_name: str | None = field(default=None, metadata={"help": "A hub dataset (needs network access)."})
+    dataset_config_name: str | None = field(default=None)
+    validation_split_percentage: float = field(default=1.0, metadata={
+        "help": "Percent of the training records held out for validation when no validation files are given."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Truncate the training set (debugging)."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Truncate the validation set."})
+    skip_bad_records: bool = field(default=False, metadata={
+        "help": "Skip malformed records (counted and reported) instead of stopping at the first one."})
+    preprocessing_num_workers: int | None = field(default=None, metadata={"help": "Processes for tokenization."})
+
+
+@dataclass
+class PretrainDataArguments(DataArguments):
+    block_size: int = field(default=512, metadata={"help": "Tokens per training block (documents are concatenated)."})
+
+
+@dataclass
+class ChatDataArguments(DataArguments):
+    template_name: str | None = field(default=None, metadata={
+        "help": "Built-in chat template (chatml, qwen, llama3, ...). Default: the tokenizer's own template."})
+    train_on_inputs: bool = field(default=False, metadata={
+        "help": "Also train on system/user tokens (default: loss on assistant tokens only)."})
+
+
+def _config_file_defaults(path: str, parser: HfArgumentParser) -> dict[str, Any]:
+    """Values from a JSON/YAML config file; unknown keys are errors."""
+    text = Path(path).read_text(encoding="utf-8")
+    values = json.loads(text) if path.endswith(".json") else yaml.safe_load(text)
+    if not isinstance(values, dict):
+        parser.error(f"{path}: expected a mapping of argument names to values")
+    known = {action.dest for action in parser._actions}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        parser.error(f"{path}: unknown arguments: {', '.join(unknown)}")
+    return values
+
+
+def parse_args(dataclass_types: tuple[type, ...], args: list[str] | None = None,
+               defaults: dict[str, Any] | None = None) -> tuple:
+    """Parse CLI flags (optionally after a leading config.json/.yaml) into the given dataclasses.
+
+    Precedence: command-line flags > config file > the stage's defaults > the dataclass defaults.
+    """
+    # conflict_handler: a field defined twice (trust_remote_code in ours and in TRL's configs) becomes one flag
+    # whose value fills both dataclasses.
+    parser = HfArgumentParser(dataclass_types, allow_abbrev=False, conflict_handler="resolve")
+    known = {f.name for dataclass_type in dataclass_types for f in fields(dataclass_type)}
+    parser.set_defaults(**{k: v for k, v in (defaults or {}).items() if k in known})
+    argv = list(sys.argv[1:] if args is None else args)
+    if argv and argv[0].endswith((".json", ".yaml", ".yml")):
+        parser.set_defaults(**_config_file_defaults(argv.pop(0), parser))
+    namespace, remaining = parser.parse_known_args(argv)
+    if remaining:
+        parser.error(f"unrecognized arguments: {' '.join(remaining)}")
+    values = vars(namespace)
+    return tuple(dataclass_type(**{f.name: values[f.name] for f in fields(dataclass_type) if f.init})
+                 for dataclass_type in dataclass_types)

@@ -1,0 +1,166 @@
+"""Detect a record's format and normalise it.
+
+Conversations (ShareGPT, OpenAI messages, Alpaca) become
+    {"messages": [{"role": "system"|"user"|"assistant"|"function_call"|"observation", "content": str}],
+     "tools": "<JSON list of tool schemas, or empty>"}
+and pretraining text becomes {"text": str}. Problems raise DataError naming the field; the loader
+prefixes the file and line.
+"""
+
+import json
+
+from medicalgpt.data.readers import DataError
+
+SHAREGPT_ROLES = {
+    "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system",
+    "function_call": "function_call", "observation": "observation", "tool": "observation",
+}
+OPENAI_ROLES = {"system": "system", "user": "user", "assistant": "assistant", "tool": "observation"}
+USER_SIDE = {"user", "observation"}
+ASSISTANT_SIDE = {"assistant", "function_call"}
+FORMAT_KEYS = {"sharegpt": "conversations", "openai": "messages", "alpaca": "instruction", "text": "text"}
+
+
+def detect_format(record: object) -> str:
+    """One of sharegpt, openai, alpaca, text, judged by the record's fields."""
+    if not isinstance(record, dict):
+        raise DataError(f"expected a JSON object, got {type(record).__name__}")
+    for name, key in FORMAT_KEYS.items():
+        if key in record:
+            return name
+    keys = ", ".join(sorted(record)) or "none"
+    raise DataError(f"unknown record format: expected a field conversations, messages, instruction or text; "
+                    f"found: {keys}")
+
+
+def _string(value: object, field_name: str, allow_empty: bool = False) -> str:
+    if not isinstance(value, str):
+        raise DataError(f"{field_name}: expected a string, got {type(value).__name__}")
+    if not allow_empty and not value.strip():
+        raise DataError(f"{field_name}: empty")
+    return value
+
+
+def _tools_json(record: dict) -> str:
+    """Tool schemas as a JSON list string ("" when absent); accepts a list or a JSON string."""
+    tools = record.get("tools")
+    if tools in (None, "", []):
+        return ""
+    if isinstance(tools, str):
+        try:
+            tools = json.loads(tools)
+        except json.JSONDecodeError as e:
+            raise DataError(f"tools: invalid JSON: {e.msg}") from None
+    if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+        raise DataError("tools: expected a list of tool schemas (objects)")
+    return json.dumps(tools, ensure_ascii=False)
+
+
+def validate_turns(messages: list[dict], field_name: str) -> None:
+    """System first (optional), then user-side and assistant-side turns alternating, ending with the assistant."""
+    turns = messages[1:] if messages and messages[0]["role"] == "system" else messages
+    if not turns:
+        raise DataError(f"{field_name}: no user/assistant turns")
+    for index, message in enumerate(turns):
+        expected = USER_SIDE if index % 2 == 0 else ASSISTANT_SIDE
+        if message["role"] not in expected:
+            side = "a user (or observation)" if index % 2 == 0 else "an assistant (or function_call)"
+            position = index + len(messages) - len(turns)
+            raise DataError(f"{field_name}[{position}]: expected {side} turn, got role '{message['role']}'")
+    if turns[-1]["role"] not in ASSISTANT_SIDE:
+        raise DataError(f"{field_name}: the conversation must end with an assistant turn")
+
+
+def _sharegpt(record: dict) -> list[dict]:
+    turns = record["conversations"]
+    if not isinstance(turns, list) or not turns:
+        raise DataError("conversations: expected a non-empty list of turns")
+    system = record.get("system_prompt", record.get("system"))
+    messages = [{"role": "system", "content": _string(system, "system_prompt", True)}] if system else []
+    for index, turn in enumerate(turns):
+        where = f"conversations[{index}]"
+        if not isinstance(turn, dict):
+            raise DataError(f"{where}: expected an object with 'from' and 'value'")
+        role = SHAREGPT_ROLES.get(_string(turn.get("from"), f"{where}.from"))
+        if role is None:
+            raise DataError(f"{where}.from: unknown role '{turn['from']}' (expected one of "
+                            f"{', '.join(SHAREGPT_ROLES)})")
+        if role == "system" and (index > 0 or messages):
+            raise DataError(f"{where}.from: a system turn may only come first")
+        messages.append({"role": role, "content": _string(turn.get("value"), f"{where}.value")})
+    return messages
+
+
+def _openai_content(message: dict, where: str) -> str:
+    """Message text; content given as a list of {"type": "text"} parts is joined; tool calls become JSON."""
+    content = message.get("content")
+    if isinstance(content, list):
+        content = "".join(part.get("text", "") for part in content if isinstance(part, dict))
+    if message.get("tool_calls") and not content:
+        return json.dumps(message["tool_calls"], ensure_ascii=False)
+    return _string(content, f"{where}.content")
+
+
+def _openai(record: dict) -> list[dict]:
+    raw = record["messages"]
+    if not isinstance(raw, list) or not raw:
+        raise DataError("messages: expected a non-empty list of messages")
+    messages = []
+    for index, message in enumerate(raw):
+        where = f"messages[{index}]"
+        if not isinstance(message, dict):
+            raise DataError(f"{where}: expected an object with 'role' and 'content'")
+        role = OPENAI_ROLES.get(_string(message.get("role"), f"{where}.role"))
+        if role is None:
+            raise DataError(f"{where}.role: unknown role '{message['role']}' (expected one of "
+                            f"{', '.join(OPENAI_ROLES)})")
+        if role == "system" and index > 0:
+            raise DataError(f"{where}.role: a system message may only come first")
+        if role == "assistant" and message.get("tool_calls"):
+            role = "function_call"
+        messages.append({"role": role, "content": _openai_content(message, where)})
+    return messages
+
+
+def _alpaca(record: dict) -> list[dict]:
+    instruction = _string(record["instruction"], "instruction")
+    extra = _string(record.get("input") or "", "input", allow_empty=True)
+    system = _string(record.get("system") or "", "system", allow_empty=True)
+    messages = [{"role": "system", "content": system}] if system else []
+    history = record.get("history") or []
+    if not isinstance(history, list):
+        raise DataError("history: expected a list of [question, answer] pairs")
+    for index, pair in enumerate(history):
+        if not (isinstance(pair, list | tuple) and len(pair) == 2):
+            raise DataError(f"history[{index}]: expected a [question, answer] pair")
+        messages.append({"role": "user", "content": _string(pair[0], f"history[{index}][0]")})
+        messages.append({"role": "assistant", "content": _string(pair[1], f"history[{index}][1]")})
+    prompt = f"{instruction}\n{extra}" if extra.strip() else instruction
+    messages.append({"role": "user", "content": prompt})
+    messages.append({"role": "assistant", "content": _string(record.get("output"), "output")})
+    return messages
+
+
+CONVERTERS = {"sharegpt": (_sharegpt, "conversations"), "openai": (_openai, "messages"),
+              "alpaca": (_alpaca, "messages")}
+
+
+def to_conversation(record: object) -> dict:
+    """A ShareGPT, OpenAI-messages or Alpaca record as {"messages": [...], "tools": str}."""
+    kind = detect_format(record)
+    if kind == "text":
+        raise DataError("text: a plain-text record where a conversation (conversations, messages or "
+                        "instruction/output) was expected")
+    convert, field_name = CONVERTERS[kind]
+    messages = convert(record)
+    validate_turns(messages, field_name)
+    return {"messages": messages, "tools": _tools_json(record)}
+
+
+def to_text(record: object) -> dict:
+    """A pretraining document as {"text": str}."""
+    kind = detect_format(record)
+    if kind != "text":
+        raise DataError(f"{FORMAT_KEYS[kind]}: a {kind} conversation where pretraining text "
+                        "(a .txt line or {\"text\": ...}) was expected")
+    return {"text": _string(record["text"], "text")}

@@ -1,0 +1,157 @@
+"""Tokenizer and model loading shared by every stage: dtype, attention, quantization, RoPE scaling, LoRA."""
+
+import importlib.util
+import logging
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+from medicalgpt.args import LoraArguments, ModelArguments
+from medicalgpt.default_model import ensure_default_model
+
+logger = logging.getLogger(__name__)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# MoE routers are nn.Linear too, but adapting them destabilises expert routing: never LoRA targets.
+ROUTER_NAMES = {"gate", "router"}
+
+
+def model_path(model_args: ModelArguments) -> str:
+    """The model to load: the user's, or the embedded default (built on first use)."""
+    return model_args.model_name_or_path or ensure_default_model()
+
+
+def load_tokenizer(model_args: ModelArguments):
+    """The tokenizer, with a pad token (falls back to EOS) so batches can be padded."""
+    tokenizer = AutoTokenizer.from_pretrained(model_args.tokenizer_name_or_path or model_path(model_args),
+                                              trust_remote_code=model_args.trust_remote_code)
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ValueError("the tokenizer has neither a pad nor an EOS token; add one before training")
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    """auto: bfloat16 on GPUs that support it, float16 on older GPUs, float32 on CPU."""
+    if name != "auto":
+        return DTYPES[name]
+    if torch.cuda.is_available():
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def check_model_args(model_args: ModelArguments, lora_args: LoraArguments | None = None) -> None:
+    """Fail fast, before any loading, on option combinations that cannot work here."""
+    if model_args.load_in_4bit and model_args.load_in_8bit:
+        raise ValueError("--load_in_4bit and --load_in_8bit are exclusive; pick one")
+    quantized = model_args.load_in_4bit or model_args.load_in_8bit
+    if quantized and lora_args is not None and not lora_args.use_peft:
+        raise ValueError("a 4/8-bit base cannot be fully fine-tuned: use LoRA (QLoRA) or drop --load_in_4bit/8bit")
+    if quantized and importlib.util.find_spec("bitsandbytes") is None:
+        raise ValueError("--load_in_4bit/--load_in_8bit need bitsandbytes: pip install bitsandbytes")
+    if model_args.attn_implementation == "flash_attention_2":
+        if not torch.cuda.is_available():
+            raise ValueError("--attn_implementation flash_attention_2 needs a CUDA GPU; on CPU use sdpa (the default)")
+        if importlib.util.find_spec("flash_attn") is None:
+            raise ValueError("--attn_implementation flash_attention_2 needs flash-attn: pip install flash-attn "
+                             "--no-build-isolation, or use sdpa")
+
+
+def _rope_parameters(config, spec: str) -> dict:
+    """--rope_scaling TYPE:FACTOR as a transformers rope_parameters dict."""
+    rope_type, _, factor = spec.partition(":")
+    try:
+        factor = float(factor)
+    except ValueError:
+        raise ValueError(f"--rope_scaling {spec!r}: expected TYPE:FACTOR, e.g. linear:2.0") from None
+    base = dict(config.rope_parameters or {})
+    return {**base, "rope_type": rope_type, "factor": factor,
+            "original_max_position_embeddings": config.max_position_embeddings}
+
+
+def _quantization_config(model_args: ModelArguments, dtype: torch.dtype):
+    from transformers import BitsAndBytesConfig
+
+    if model_args.load_in_4bit:
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=model_args.bnb_4bit_quant_type,
+                                  bnb_4bit_use_double_quant=model_args.bnb_4bit_use_double_quant,
+                                  bnb_4bit_compute_dtype=dtype)
+    return BitsAndBytesConfig(load_in_8bit=True) if model_args.load_in_8bit else None
+
+
+def load_model(model_args: ModelArguments, model_class=AutoModelForCausalLM, **model_kwargs) -> PreTrainedModel:
+    """The base model with the requested dtype, attention kernel, quantization and RoPE scaling."""
+    check_model_args(model_args)
+    path = model_path(model_args)
+    config = AutoConfig.from_pretrained(path, trust_remote_code=model_args.trust_remote_code, **model_kwargs)
+    if model_args.rope_scaling:
+        config.rope_parameters = _rope_parameters(config, model_args.rope_scaling)
+    dtype = resolve_dtype(model_args.dtype)
+    model = model_class.from_pretrained(
+        path, config=config, dtype=dtype, attn_implementation=model_args.attn_implementation,
+        quantization_config=_quantization_config(model_args, dtype), trust_remote_code=model_args.trust_remote_code,
+    )
+    logger.info("Loaded %s (%s, %.1fM parameters)", path, dtype, model.num_parameters() / 1e6)
+    return model
+
+
+def find_linear_modules(model: PreTrainedModel) -> list[str]:
+    """Names of the linear layers LoRA should adapt for 'all': every one but the output head and MoE routers."""
+    head = model.get_output_embeddings()
+    names = set()
+    for name, module in model.named_modules():
+        leaf = name.rsplit(".", 1)[-1]
+        is_linear = isinstance(module, torch.nn.Linear) or "Linear" in type(module).__name__  # bnb 4/8-bit too
+        if is_linear and module is not head and leaf not in ROUTER_NAMES and leaf != "score":
+            names.add(leaf)
+    return sorted(names)
+
+
+def apply_lora(model: PreTrainedModel, lora_args: LoraArguments, training_args, task_type: str = "CAUSAL_LM"):
+    """Wrap the model for training: a new or continued LoRA adapter, or full fine-tuning."""
+    quantized = getattr(model, "is_quantized", False)
+    if quantized:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=training_args.activation_checkpointing)
+    if not lora_args.use_peft:
+        logger.info("Full fine-tuning: %.1fM trainable parameters", model.num_parameters(only_trainable=True) / 1e6)
+        return model
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    if training_args.activation_checkpointing:
+        model.enable_input_require_grads()  # checkpointed blocks need a grad-carrying input under frozen embeddings
+    if lora_args.peft_path:
+        model = PeftModel.from_pretrained(model, lora_args.peft_path, is_trainable=True)
+    else:
+        targets = (find_linear_modules(model) if lora_args.target_modules == "all"
+                   else [m.strip() for m in lora_args.target_modules.split(",")])
+        to_save = [m.strip() for m in lora_args.modules_to_save.split(",")] if lora_args.modules_to_save else None
+        model = get_peft_model(model, LoraConfig(
+            task_type=task_type, r=lora_args.lora_rank, lora_alpha=lora_args.lora_alpha,
+            lora_dropout=lora_args.lora_dropout, target_modules=targets, modules_to_save=to_save,
+            use_dora=lora_args.use_dora, use_rslora=lora_args.use_rslora))
+    model.print_trainable_parameters()
+    return model
+
+
+def set_stop_tokens(model: PreTrainedModel, tokenizer, stop_words: tuple[str, ...]) -> None:
+    """Generation stops at EOS and at the chat template's end-of-turn tokens (saved with the model)."""
+    stop_ids = [tokenizer.convert_tokens_to_ids(word) for word in stop_words]
+    stop_ids = [i for i in stop_ids if i is not None and i != tokenizer.unk_token_id]
+    current = model.generation_config.eos_token_id
+    current = [] if current is None else [current] if isinstance(current, int) else list(current)
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    model.generation_config.eos_token_id = list(dict.fromkeys(current + eos + stop_ids))
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+
+
+def load_for_inference(model_args: ModelArguments, lora_model: str | None = None) -> PreTrainedModel:
+    """The model in eval mode, with a LoRA adapter applied when one is given."""
+    model = load_model(model_args)
+    if lora_model:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, lora_model)
+    return model.eval()

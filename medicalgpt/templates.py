@@ -1,0 +1,287 @@
+"""Chat templates rendered straight to token ids and loss labels.
+
+Each built-in Template renders a conversation segment by segment (prefix, system, user turns, assistant turns)
+and tokenises the segments separately, so the loss mask comes from token ids rather than from diffing rendered
+strings. Its hand-written HF chat template (chat_templates/<name>.jinja) renders the same text, with
+{% generation %} markers around the trained spans, for inference and for the tests that cross-check both.
+"""
+
+import itertools
+import json
+import re
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+
+import jinja2
+
+IGNORE_INDEX = -100
+CHAT_TEMPLATE_DIR = Path(__file__).parent / "chat_templates"
+GENERATION_MARKER = re.compile(r"\{%-?\s*generation\s*-?%\}")
+USER_SIDE = ("user", "observation")
+ASSISTANT_SIDE = ("assistant", "function_call")
+
+# Tools go into the system text for families without a native tool format.
+DEFAULT_TOOLS = (
+    "# Tools\n\nYou can call the following functions. To call one, reply with a JSON object holding its name "
+    "and arguments.\n{content}"
+)
+_QWEN_TOOLS_HEAD = (
+    "# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
+    "You are provided with function signatures within <tools></tools> XML tags:\n<tools>\n{content}\n</tools>\n\n"
+    "For each function call, return a json object with function name and arguments within "
+    "<tool_call></tool_call> XML tags"
+)
+CHATML_TOOLS = _QWEN_TOOLS_HEAD + "."
+QWEN_TOOLS = (
+    _QWEN_TOOLS_HEAD + ':\n<tool_call>\n{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call>'
+)
+
+
+def _fill(fmt: str, content: str) -> str:
+    """fmt with its {content} placeholder replaced (str.format would trip on the JSON braces in tool texts)."""
+    return fmt.replace("{content}", content)
+
+
+def _tojson(value) -> str:
+    """JSON exactly as the HF chat-template `tojson` filter writes it."""
+    return json.dumps(value, ensure_ascii=False)
+
+
+@cache
+def _read_jinja(name: str) -> str:
+    """The hand-written chat template chat_templates/<name>.jinja."""
+    return (CHAT_TEMPLATE_DIR / f"{name}.jinja").read_text(encoding="utf-8")
+
+
+def _labelled(ids: list[int], trained: bool) -> list[int]:
+    """ids as labels when trained, else IGNORE_INDEX for each."""
+    return list(ids) if trained else [IGNORE_INDEX] * len(ids)
+
+
+@dataclass(frozen=True)
+class Template:
+    """A chat prompt format; each format string has a {content} placeholder."""
+
+    name: str
+    prefix: str = ""  # written once at the start, e.g. a literal BOS token
+    system: str = "{content}"
+    user: str = "{content}"
+    assistant_prefix: str = ""  # untrained role header, also the generation prompt
+    assistant: str = "{content}"  # trained: content + end-of-turn token
+    assistant_suffix: str = ""  # untrained text after the end-of-turn token
+    function_call: str | None = None  # trained like assistant; None: the assistant format
+    observation: str | None = None  # None: the user format
+    tools: str = DEFAULT_TOOLS  # appended to the system text, {content}: one JSON tool per line
+    default_system: str | None = None
+    merge_system: bool = False  # system text goes into the first user turn (llama2, mistral)
+    stop_words: tuple[str, ...] = ()
+
+    @property
+    def jinja(self) -> str:
+        """The HF chat template rendering the same text, with {% generation %} around trained spans."""
+        return _read_jinja(self.name)
+
+    def encode(
+        self, tokenizer, messages: list[dict], tools: list[dict] | None = None, train_on_inputs: bool = False
+    ) -> tuple[list[int], list[int]]:
+        """input_ids and labels (-100 on tokens that carry no loss)."""
+        ids, labels = [], []
+        # Adjacent segments with the same label are joined first, so only train/no-train edges split the text.
+        for trained, group in itertools.groupby(self._segments(messages, tools), key=lambda s: s[1]):
+            segment_ids = tokenizer.encode("".join(text for text, _ in group), add_special_tokens=False)
+            ids += segment_ids
+            labels += _labelled(segment_ids, trained or train_on_inputs)
+        return ids, labels
+
+    def encode_prompt(self, tokenizer, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+        """ids of a conversation ending in a user/observation turn plus the assistant generation prompt."""
+        if messages[-1]["role"] not in USER_SIDE:
+            raise ValueError(f"a prompt must end in a user or observation turn, not {messages[-1]['role']!r}")
+        text = "".join(text for text, _ in self._segments(messages, tools)) + self.assistant_prefix
+        return tokenizer.encode(text, add_special_tokens=False)
+
+    def _system_text(self, messages: list[dict], tools: list[dict] | None) -> str | None:
+        """The system prompt (given or default) with the tool descriptions appended; None when there is none."""
+        system = messages[0]["content"] if messages and messages[0]["role"] == "system" else self.default_system
+        if tools:
+            tool_text = _fill(self.tools, "\n".join(_tojson(tool) for tool in tools))
+            system = f"{system}\n\n{tool_text}" if system else tool_text
+        return system
+
+    def _segments(self, messages: list[dict], tools: list[dict] | None) -> list[tuple[str, bool]]:
+        """(text, trained) pieces of the rendered conversation, in order."""
+        system = self._system_text(messages, tools)
+        segments = [(self.prefix, False)]
+        if system is not None and not self.merge_system:
+            segments.append((_fill(self.system, system), False))
+        for message in messages[1:] if messages and messages[0]["role"] == "system" else messages:
+            content = message["content"]
+            if self.merge_system and system is not None and message["role"] == "user":
+                content, system = _fill(self.system, system) + content, None  # only the first user turn
+            segments += self._turn(message["role"], content)
+        return segments
+
+    def _turn(self, role: str, content: str) -> list[tuple[str, bool]]:
+        """(text, trained) pieces of one turn."""
+        if role in USER_SIDE:
+            fmt = self.user if role == "user" else self.observation or self.user
+            return [(_fill(fmt, content), False)]
+        if role in ASSISTANT_SIDE:
+            fmt = self.assistant if role == "assistant" else self.function_call or self.assistant
+            return [(self.assistant_prefix, False), (_fill(fmt, content), True), (self.assistant_suffix, False)]
+        raise ValueError(f"unknown role {role!r}: expected system (first), {', '.join(USER_SIDE + ASSISTANT_SIDE)}")
+
+
+@dataclass(frozen=True)
+class TokenizerChatTemplate:
+    """A tokenizer's own chat template; its assistant mask comes from its {% generation %} markers."""
+
+    jinja: str
+    stop_words: tuple[str, ...] = ()
+    name: str = "tokenizer"
+
+    def encode(
+        self, tokenizer, messages: list[dict], tools: list[dict] | None = None, train_on_inputs: bool = False
+    ) -> tuple[list[int], list[int]]:
+        """input_ids and labels (-100 on tokens outside the generation markers)."""
+        out = tokenizer.apply_chat_template(
+            messages, tools=tools, chat_template=self.jinja, tokenize=True, return_dict=True,
+            return_assistant_tokens_mask=True,
+        )
+        ids = list(out["input_ids"])
+        labels = [i if train_on_inputs or m else IGNORE_INDEX for i, m in zip(ids, out["assistant_masks"])]
+        return ids, labels
+
+    def encode_prompt(self, tokenizer, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+        """ids of a conversation ending in a user/observation turn plus the assistant generation prompt."""
+        out = tokenizer.apply_chat_template(
+            messages, tools=tools, chat_template=self.jinja, add_generation_prompt=True, tokenize=True,
+            return_dict=True,
+        )
+        return list(out["input_ids"])
+
+
+_CHATML = dict(
+    system="<|im_start|>system\n{content}<|im_end|>\n",
+    user="<|im_start|>user\n{content}<|im_end|>\n",
+    assistant_prefix="<|im_start|>assistant\n",
+    assistant="{content}<|im_end|>",
+    assistant_suffix="\n",
+    stop_words=("<|im_end|>",),
+)
+_CHATML_NATIVE_TOOLS = dict(
+    function_call="<tool_call>\n{content}\n</tool_call><|im_end|>",
+    observation="<|im_start|>user\n<tool_response>\n{content}\n</tool_response><|im_end|>\n",
+)
+
+TEMPLATES: dict[str, Template] = {
+    t.name: t
+    for t in [
+        Template("chatml", **_CHATML, **_CHATML_NATIVE_TOOLS, tools=CHATML_TOOLS),
+        Template(
+            "qwen", **_CHATML, **_CHATML_NATIVE_TOOLS, tools=QWEN_TOOLS,
+            default_system="You are Qwen, created by Alibaba Cloud. You are a helpful assistant.",
+        ),
+        Template(
+            "llama3", prefix="<|begin_of_text|>",
+            system="<|start_header_id|>system<|end_header_id|>\n\n{content}<|eot_id|>",
+            user="<|start_header_id|>user<|end_header_id|>\n\n{content}<|eot_id|>",
+            assistant_prefix="<|start_header_id|>assistant<|end_header_id|>\n\n", assistant="{content}<|eot_id|>",
+            observation="<|start_header_id|>ipython<|end_header_id|>\n\n{content}<|eot_id|>",
+            stop_words=("<|eot_id|>",),
+        ),
+        # Llama 2 repeats BOS before every exchange, so it sits in the user format rather than the prefix.
+        Template(
+            "llama2", system="<<SYS>>\n{content}\n<</SYS>>\n\n", user="<s>[INST] {content} [/INST]",
+            assistant=" {content} </s>", merge_system=True, stop_words=("</s>",),
+        ),
+        Template(
+            "mistral", prefix="<s>", system="{content}\n\n", user="[INST] {content} [/INST]",
+            assistant=" {content}</s>", merge_system=True, stop_words=("</s>",),
+        ),
+        Template(
+            "vicuna", system="{content} ", user="USER: {content} ", assistant_prefix="ASSISTANT:",
+            assistant=" {content}</s>", stop_words=("</s>",),
+            default_system="A chat between a curious user and an artificial intelligence assistant. "
+            "The assistant gives helpful, detailed, and polite answers to the user's questions.",
+        ),
+        Template(
+            "alpaca", system="{content}\n\n", user="### Instruction:\n{content}\n\n",
+            assistant_prefix="### Response:\n", assistant="{content}</s>", assistant_suffix="\n\n",
+            stop_words=("</s>",),
+            default_system="Below is an instruction that describes a task. "
+            "Write a response that appropriately completes the request.",
+        ),
+        Template(
+            "chatglm3", prefix="[gMASK]<sop>", system="<|system|>\n{content}", user="<|user|>\n{content}",
+            assistant_prefix="<|assistant|>", assistant="\n{content}</s>", observation="<|observation|>\n{content}",
+            tools="Answer the following questions as best as you can. You have access to the following tools:\n"
+            "{content}",
+            stop_words=("</s>", "<|user|>", "<|observation|>"),
+        ),
+        Template(
+            "baichuan2", user="<reserved_106>{content}", assistant_prefix="<reserved_107>",
+            assistant="{content}</s>", stop_words=("</s>",),
+        ),
+        Template(
+            "deepseek", prefix="<｜begin▁of▁sentence｜>", system="{content}\n\n", user="User: {content}\n\n",
+            assistant_prefix="Assistant:", assistant=" {content}<｜end▁of▁sentence｜>",
+            stop_words=("<｜end▁of▁sentence｜>",),
+        ),
+        # Yi's chat format is ChatML; it has no tool format, so tool turns are written plainly.
+        Template("yi", **_CHATML),
+    ]
+}
+
+
+def get_template(name: str) -> Template:
+    """The built-in template called name."""
+    if name not in TEMPLATES:
+        raise ValueError(f"unknown template {name!r}; known templates: {', '.join(TEMPLATES)}")
+    return TEMPLATES[name]
+
+
+# Conversations (and whether to add the generation prompt) on which a tokenizer's template is compared to ours.
+_PROBES = [
+    ([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}], False),
+    ([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "咳嗽怎么办？"},
+      {"role": "assistant", "content": "多喝水。"}, {"role": "user", "content": "And fever?"},
+      {"role": "assistant", "content": "See a doctor."}], False),
+    ([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}], True),
+    ([{"role": "user", "content": "Hi"}], True),
+]
+
+
+def _render_probes(tokenizer, chat_template: str) -> list[str | None]:
+    """The probe conversations rendered with chat_template; None where the template rejects one."""
+    rendered = []
+    for messages, add_generation_prompt in _PROBES:
+        try:
+            rendered.append(tokenizer.apply_chat_template(
+                messages, chat_template=chat_template, tokenize=False, add_generation_prompt=add_generation_prompt,
+            ))
+        except (jinja2.TemplateError, TypeError, ValueError):  # e.g. a template without a system role
+            rendered.append(None)
+    return rendered
+
+
+def resolve_template(tokenizer, template_name: str | None) -> Template | TokenizerChatTemplate:
+    """The named built-in, else the built-in rendering like the tokenizer's template, else that template itself."""
+    if template_name:
+        return get_template(template_name)
+    own = tokenizer.chat_template
+    if isinstance(own, dict):  # a tokenizer with several named templates
+        own = own.get("default")
+    if not own:
+        raise ValueError(f"the tokenizer has no chat template; pass --template_name one of {', '.join(TEMPLATES)}")
+    rendered = _render_probes(tokenizer, own)
+    for template in TEMPLATES.values():
+        if _render_probes(tokenizer, template.jinja) == rendered:
+            return template
+    if not GENERATION_MARKER.search(own):
+        raise ValueError(
+            "the tokenizer's chat template has no {% generation %} markers and matches no built-in template; "
+            f"pass --template_name one of {', '.join(TEMPLATES)}"
+        )
+    return TokenizerChatTemplate(own, stop_words=(tokenizer.eos_token,) if tokenizer.eos_token else ())

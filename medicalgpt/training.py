@@ -1,0 +1,98 @@
+"""What every training stage does around its trainer: set-up, resume, train, evaluate, save, plot."""
+
+import logging
+import math
+import os
+import sys
+from pathlib import Path
+
+import torch
+import transformers
+from transformers import Trainer, TrainerCallback, set_seed
+from transformers.trainer_utils import get_last_checkpoint
+
+from medicalgpt.plotting import plot_loss
+
+logger = logging.getLogger("medicalgpt")
+
+
+def setup_logging(training_args) -> None:
+    """One log format for our code and the libraries, at the trainer's log level."""
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
+                        handlers=[logging.StreamHandler(sys.stdout)], level=logging.INFO)
+    logging.getLogger("medicalgpt").setLevel(logging.INFO if training_args.should_log else logging.WARNING)
+    transformers.utils.logging.set_verbosity(training_args.get_process_log_level())
+
+
+def resolve_resume_checkpoint(training_args) -> str | None:
+    """--resume_from_checkpoint: a path, or 'auto' for the latest checkpoint in output_dir (None if there is none)."""
+    resume = training_args.resume_from_checkpoint
+    if resume is None:
+        return None
+    if resume == "auto":
+        last = get_last_checkpoint(training_args.output_dir) if os.path.isdir(training_args.output_dir) else None
+        logger.info("Resuming from %s", last or "scratch (no checkpoint in output_dir yet)")
+        return last
+    if not os.path.isdir(resume):
+        raise FileNotFoundError(f"--resume_from_checkpoint {resume}: no such checkpoint directory")
+    return resume
+
+
+def prepare_run(training_args) -> str | None:
+    """Logging and seeding; returns the checkpoint to resume from."""
+    setup_logging(training_args)
+    set_seed(training_args.seed)
+    return resolve_resume_checkpoint(training_args)
+
+
+def write_loss_plot(args, state) -> None:
+    """loss.png in output_dir, from the trainer's log history (main process only)."""
+    if state.is_world_process_zero:
+        plot_loss(state.log_history, Path(args.output_dir) / "loss.png", title=Path(args.output_dir).name)
+
+
+class LossPlotCallback(TrainerCallback):
+    """Refreshes loss.png at every checkpoint, so a long run's curve can be watched."""
+
+    def on_save(self, args, state, control, **kwargs):
+        write_loss_plot(args, state)
+
+
+def with_perplexity(metrics: dict, prefix: str) -> dict:
+    """Add <prefix>_perplexity = exp(<prefix>_loss) (the loss is the mean token-level negative log-likelihood)."""
+    loss = metrics.get(f"{prefix}_loss")
+    if loss is not None:
+        metrics[f"{prefix}_perplexity"] = math.exp(min(loss, 50.0))
+    return metrics
+
+
+def train_and_save(trainer: Trainer, resume_from_checkpoint: str | None) -> dict:
+    """Train, save model/adapter + tokenizer, evaluate on validation, write metrics and loss.png."""
+    trainer.add_callback(LossPlotCallback())
+    result = trainer.train(resume_from_checkpoint=resume_from_checkpoint)
+    trainer.save_model()
+    trainer.log_metrics("train", result.metrics)
+    trainer.save_metrics("train", result.metrics)
+    trainer.save_state()
+    metrics = dict(result.metrics)
+    if trainer.eval_dataset is not None:
+        eval_metrics = with_perplexity(trainer.evaluate(), "eval")
+        trainer.log_metrics("eval", eval_metrics)
+        trainer.save_metrics("eval", eval_metrics)
+        metrics.update(eval_metrics)
+    write_loss_plot(trainer.args, trainer.state)
+    return metrics
+
+
+# Defaults every stage shares, over the trainers' own: fast on CPU, mixed precision on GPUs that have bf16,
+# TensorBoard logs, and checkpoints that --resume_from_checkpoint auto can pick up.
+STAGE_DEFAULTS = {
+    "bf16": torch.cuda.is_available() and torch.cuda.is_bf16_supported(),
+    "gradient_checkpointing": None,  # TRL defaults it on; None leaves --activation_checkpointing (off) in charge
+    "dataloader_pin_memory": torch.cuda.is_available(),
+    "report_to": "tensorboard",
+    "logging_steps": 10,
+    "save_strategy": "steps",
+    "save_steps": 500,
+    "save_total_limit": 3,
+}

@@ -1,0 +1,41 @@
+"""Stage 1 — continued pretraining (PT): next-token prediction on domain text.
+
+Documents are tokenised with EOS between them and grouped into --block_size blocks; validation
+perplexity is reported. LoRA by default; --use_peft False trains every weight.
+
+    python pretraining.py --train_file_dir data/pretrain/train --validation_file_dir data/pretrain/validation \
+        --output_dir outputs-pt --num_train_epochs 1
+"""
+
+from transformers import Trainer, TrainingArguments
+from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+from medicalgpt.args import LoraArguments, ModelArguments, PretrainDataArguments, parse_args
+from medicalgpt.data import build_pretraining_splits, load_splits, to_text
+from medicalgpt.modeling import apply_lora, check_model_args, load_model, load_tokenizer
+from medicalgpt.training import STAGE_DEFAULTS, prepare_run, train_and_save
+
+
+def main(argv: list[str] | None = None) -> dict:
+    model_args, lora_args, data_args, training_args = parse_args(
+        (ModelArguments, LoraArguments, PretrainDataArguments, TrainingArguments), argv,
+        defaults={**STAGE_DEFAULTS, "output_dir": "outputs-pt"})
+    check_model_args(model_args, lora_args)
+    resume = prepare_run(training_args)
+
+    tokenizer = load_tokenizer(model_args)
+    with training_args.main_process_first(desc="dataset preparation"):
+        splits = build_pretraining_splits(load_splits(data_args, to_text, training_args.seed), tokenizer,
+                                          data_args.block_size, data_args.preprocessing_num_workers)
+    model = apply_lora(load_model(model_args), lora_args, training_args)
+
+    trainer = Trainer(
+        model=model, args=training_args, processing_class=tokenizer,
+        train_dataset=splits["train"], eval_dataset=splits.get("validation"),
+        data_collator=DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id),
+    )
+    return train_and_save(trainer, resume)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,51 @@
+"""Stage 2 — supervised fine-tuning (SFT) on conversations, loss on the assistant's tokens only.
+
+Reads ShareGPT, OpenAI-messages and Alpaca records (auto-detected per file), renders them with the
+chat template (--template_name, default: the tokenizer's own) into token ids and a loss mask, and
+trains with TRL's SFTTrainer. --packing packs samples into --max_length rows without letting them
+attend to each other (position ids restart per sample; works with sdpa on CPU and flash-attn on GPU).
+
+    python supervised_finetuning.py --train_file_dir data/sft/train --validation_file_dir data/sft/validation \
+        --output_dir outputs-sft --num_train_epochs 3
+"""
+
+from trl import SFTConfig, SFTTrainer
+
+from medicalgpt.args import ChatDataArguments, LoraArguments, ModelArguments, parse_args
+from medicalgpt.data import build_sft_splits, load_splits, pack_sft_splits, to_conversation
+from medicalgpt.data.collators import PackedRowsCollator
+from medicalgpt.modeling import apply_lora, check_model_args, load_model, load_tokenizer, set_stop_tokens
+from medicalgpt.templates import resolve_template
+from medicalgpt.training import STAGE_DEFAULTS, prepare_run, train_and_save
+
+
+def main(argv: list[str] | None = None) -> dict:
+    model_args, lora_args, data_args, training_args = parse_args(
+        (ModelArguments, LoraArguments, ChatDataArguments, SFTConfig), argv,
+        defaults={**STAGE_DEFAULTS, "output_dir": "outputs-sft", "max_length": 512})
+    check_model_args(model_args, lora_args)
+    resume = prepare_run(training_args)
+
+    tokenizer = load_tokenizer(model_args)
+    template = resolve_template(tokenizer, data_args.template_name)
+    tokenizer.chat_template = template.jinja  # the saved tokenizer renders prompts exactly as trained
+    with training_args.main_process_first(desc="dataset preparation"):
+        splits = build_sft_splits(load_splits(data_args, to_conversation, training_args.seed), tokenizer, template,
+                                  training_args.max_length, data_args.train_on_inputs,
+                                  data_args.preprocessing_num_workers)
+        # Flash-attention packs best padding-free inside TRL; other kernels get our per-row packs.
+        pack_rows = training_args.packing and model_args.attn_implementation != "flash_attention_2"
+        if pack_rows:
+            splits = pack_sft_splits(splits, training_args.max_length)
+            training_args.packing = False  # already packed: TRL must neither re-pack nor go padding-free
+    model = apply_lora(load_model(model_args), lora_args, training_args)
+    set_stop_tokens(model, tokenizer, template.stop_words)
+
+    trainer = SFTTrainer(model=model, args=training_args, processing_class=tokenizer,
+                         train_dataset=splits["train"], eval_dataset=splits.get("validation"),
+                         data_collator=PackedRowsCollator(tokenizer.pad_token_id) if pack_rows else None)
+    return train_and_save(trainer, resume)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,27 @@
+"""Session fixtures: the tiny default tokenizer/model are built once per test session."""
+
+import os
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> str:
+    """A tiny model built by the same code as the embedded default model."""
+    from medicalgpt.default_model import build_default_model
+
+    return str(build_default_model(tmp_path_factory.mktemp("models") / "tiny", size="tiny"))
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model_dir)

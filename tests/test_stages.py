@@ -1,0 +1,154 @@
+"""PT and SFT stages end to end on the tiny model: CLI, learning, packing isolation, adapters, resume."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from datasets import Dataset, DatasetDict
+from transformers import AutoModelForCausalLM
+
+import pretraining
+import supervised_finetuning
+from evaluate import text_perplexity
+from medicalgpt.args import ChatDataArguments, LoraArguments, ModelArguments, parse_args
+from medicalgpt.data import build_sft_splits, pack_sft_splits
+from medicalgpt.data.collators import PackedRowsCollator
+from medicalgpt.generation import generate
+from medicalgpt.modeling import load_for_inference, load_tokenizer
+from medicalgpt.templates import IGNORE_INDEX, get_template
+
+FAST = ["--report_to", "none", "--logging_steps", "5", "--save_strategy", "no", "--disable_tqdm", "True",
+        "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "8"]
+PT_DATA = ["--train_file_dir", "data/pretrain/train", "--validation_file_dir", "data/pretrain/validation",
+           "--max_eval_samples", "200", "--block_size", "128"]
+SFT_DATA = ["--train_file_dir", "data/sft/train", "--validation_file_dir", "data/sft/validation",
+            "--max_train_samples", "300", "--max_eval_samples", "40", "--max_length", "256"]
+
+
+@pytest.fixture(scope="module")
+def pt_model(tiny_model_dir, tmp_path_factory) -> tuple[str, dict]:
+    """The tiny model after a short full-parameter pretraining run, and that run's metrics."""
+    out = tmp_path_factory.mktemp("pt")
+    metrics = pretraining.main(["--model_name_or_path", tiny_model_dir, "--output_dir", str(out), *PT_DATA, *FAST,
+                                "--use_peft", "False", "--max_steps", "60", "--learning_rate", "3e-3"])
+    return str(out), metrics
+
+
+def test_unknown_or_abbreviated_flag_is_an_error(capsys):
+    for argv in (["--no_such_flag", "1"], ["--lora_r", "4"]):
+        with pytest.raises(SystemExit) as exit_info:
+            supervised_finetuning.main(argv)
+        assert exit_info.value.code == 2
+    assert "unrecognized arguments: --lora_r 4" in capsys.readouterr().err
+
+
+def test_config_file_with_cli_override(tmp_path, capsys):
+    config = tmp_path / "sft.yaml"
+    config.write_text("lora_rank: 4\ntemplate_name: qwen\n")
+    types = (ModelArguments, LoraArguments, ChatDataArguments)
+    _, lora_args, data_args = parse_args(types, [str(config), "--lora_rank", "16"])
+    assert (lora_args.lora_rank, data_args.template_name) == (16, "qwen")
+    config.write_text("lora_rnak: 4\n")
+    with pytest.raises(SystemExit):
+        parse_args(types, [str(config)])
+    assert "unknown arguments: lora_rnak" in capsys.readouterr().err
+
+
+def test_pretraining_lowers_held_out_perplexity(pt_model, tiny_model_dir):
+    out, metrics = pt_model
+    tokenizer = load_tokenizer(ModelArguments(model_name_or_path=tiny_model_dir))
+    before = text_perplexity(AutoModelForCausalLM.from_pretrained(tiny_model_dir), tokenizer,
+                             "data/pretrain/validation", 128, 8)
+    assert metrics["eval_perplexity"] < 0.5 * before
+    assert (Path(out) / "loss.png").stat().st_size > 0 and (Path(out) / "model.safetensors").exists()
+
+
+def test_sft_full_finetuning_lowers_loss_and_saves_template(pt_model, tmp_path):
+    out = tmp_path / "sft"
+    metrics = supervised_finetuning.main(["--model_name_or_path", pt_model[0], "--output_dir", str(out), *SFT_DATA,
+                                          *FAST, "--use_peft", "False", "--max_steps", "40", "--learning_rate", "2e-3",
+                                          "--packing", "True", "--eval_on_start", "True"])
+    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    initial = next(entry for entry in history if "eval_loss" in entry)  # held-out, before the first step
+    assert metrics["eval_loss"] < 0.85 * initial["eval_loss"]
+    assert metrics["eval_mean_token_accuracy"] > initial["eval_mean_token_accuracy"] + 0.05
+    assert (out / "chat_template.jinja").read_text() == get_template("chatml").jinja
+    generation_config = json.loads((out / "generation_config.json").read_text())
+    im_end = load_tokenizer(ModelArguments(model_name_or_path=str(out))).convert_tokens_to_ids("<|im_end|>")
+    assert im_end in generation_config["eos_token_id"]
+
+
+def test_lora_adapter_reloads_and_generates(pt_model, tmp_path):
+    out = tmp_path / "lora"
+    supervised_finetuning.main(["--model_name_or_path", pt_model[0], "--output_dir", str(out), *SFT_DATA, *FAST,
+                                "--max_steps", "5", "--learning_rate", "1e-2", "--lora_rank", "4"])
+    assert (out / "adapter_model.safetensors").exists() and (out / "tokenizer.json").exists()
+    model_args = ModelArguments(model_name_or_path=pt_model[0])
+    model = load_for_inference(model_args, str(out))
+    base = AutoModelForCausalLM.from_pretrained(pt_model[0])
+    tokenizer = load_tokenizer(ModelArguments(model_name_or_path=str(out)))
+    prompt = get_template("chatml").encode_prompt(tokenizer, [{"role": "user", "content": "高血压用什么药？"}])
+    with torch.no_grad():
+        tuned, original = model(torch.tensor([prompt])).logits, base(torch.tensor([prompt])).logits
+    assert not torch.allclose(tuned, original, atol=1e-4)  # the adapter was trained and is applied
+    answers = generate(model, tokenizer, [prompt, prompt[:5]], max_new_tokens=8)
+    assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
+
+
+def _tiny_conversations(tokenizer, texts: list[tuple[str, str]]) -> DatasetDict:
+    rows = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}], "tools": ""}
+            for q, a in texts]
+    return build_sft_splits(DatasetDict({"train": Dataset.from_list(rows)}), tokenizer, get_template("chatml"), 128)
+
+
+def test_packed_samples_do_not_attend_to_each_other(tiny_model_dir, tokenizer):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="sdpa").eval()
+    samples = _tiny_conversations(tokenizer, [("哮喘用什么检查？", "肺功能检查。"), ("Dose of metformin?", "500 mg.")])
+    packed = pack_sft_splits(samples, max_length=128)["train"]
+    assert len(packed) == 1 and len(packed[0]["seq_lengths"]) == 2
+    batch = PackedRowsCollator(tokenizer.pad_token_id)([packed[0]])
+    assert "attention_mask" not in batch
+    first_len = packed[0]["seq_lengths"][0]
+    second = torch.tensor([packed[0]["input_ids"][first_len:]])
+    with torch.no_grad():  # use_cache=False as in training: a KV cache switches packed-sequence masking off
+        packed_logits = model(**batch, use_cache=False).logits
+        alone_logits = model(input_ids=second, use_cache=False).logits
+        leaky_logits = model(input_ids=batch["input_ids"], use_cache=False).logits  # control: no position restart
+    span = slice(first_len, first_len + second.shape[1])
+    torch.testing.assert_close(packed_logits[0, span], alone_logits[0], atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(leaky_logits[0, span], alone_logits[0], atol=1e-3)
+
+
+def test_packed_labels_keep_the_assistant_mask(tokenizer):
+    samples = _tiny_conversations(tokenizer, [("Q1?", "Answer one."), ("Q2?", "Answer two.")])
+    row = pack_sft_splits(samples, max_length=128)["train"][0]
+    trained = [t for t, label in zip(row["input_ids"], row["labels"], strict=True) if label != IGNORE_INDEX]
+    assert sorted(tokenizer.decode(trained).split("<|im_end|>")[:2]) == ["Answer one.", "Answer two."]
+
+
+def test_resume_from_checkpoint_auto(tiny_model_dir, tmp_path, caplog):
+    args = ["--model_name_or_path", tiny_model_dir, "--output_dir", str(tmp_path), *PT_DATA, *FAST,
+            "--max_train_samples", "100", "--save_strategy", "steps", "--save_steps", "4", "--learning_rate", "1e-3"]
+    pretraining.main([*args, "--max_steps", "4"])
+    assert (tmp_path / "checkpoint-4").is_dir()
+    pretraining.main([*args, "--max_steps", "6", "--resume_from_checkpoint", "auto"])
+    state = json.loads((tmp_path / "trainer_state.json").read_text())
+    assert state["global_step"] == 6 and f"Resuming from {tmp_path / 'checkpoint-4'}" in caplog.text
+
+
+def test_qlora_4bit_trains_on_cpu(tiny_model_dir, tmp_path):
+    metrics = supervised_finetuning.main(["--model_name_or_path", tiny_model_dir, "--output_dir", str(tmp_path),
+                                          *SFT_DATA, *FAST, "--load_in_4bit", "--dtype", "bfloat16",
+                                          "--max_steps", "2", "--max_eval_samples", "8"])
+    assert metrics["train_loss"] > 0 and (tmp_path / "adapter_model.safetensors").exists()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--load_in_4bit", "--use_peft", "False"], "cannot be fully fine-tuned"),
+    (["--load_in_4bit", "--load_in_8bit"], "exclusive"),
+    (["--attn_implementation", "flash_attention_2"], "needs a CUDA GPU"),
+])
+def test_impossible_options_fail_before_any_work(flags, message, tmp_path):
+    with pytest.raises(ValueError, match=message):
+        supervised_finetuning.main(["--output_dir", str(tmp_path), *SFT_DATA, *flags])
