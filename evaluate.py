@@ -14,6 +14,7 @@ from pathlib import Path
 
 from medicalgpt.args import DataArguments, ModelArguments, parse_args
 from medicalgpt.data import build_pretraining_splits, load_splits, to_conversation, to_text
+from medicalgpt.errors import run_cli
 from medicalgpt.evaluation import perplexity
 from medicalgpt.generation import generate
 from medicalgpt.modeling import load_for_inference, load_tokenizer
@@ -86,4 +87,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -12,6 +12,7 @@ from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from medicalgpt.args import LoraArguments, ModelArguments, PretrainDataArguments, parse_args
 from medicalgpt.data import build_pretraining_splits, load_splits, to_text
+from medicalgpt.errors import run_cli
 from medicalgpt.modeling import apply_lora, check_model_args, load_model, load_tokenizer
 from medicalgpt.training import STAGE_DEFAULTS, prepare_run, train_and_save
 
@@ -38,4 +39,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -14,6 +14,7 @@ from trl import SFTConfig, SFTTrainer
 from medicalgpt.args import ChatDataArguments, LoraArguments, ModelArguments, parse_args
 from medicalgpt.data import build_sft_splits, load_splits, pack_sft_splits, to_conversation
 from medicalgpt.data.collators import PackedRowsCollator
+from medicalgpt.errors import run_cli
 from medicalgpt.modeling import apply_lora, check_model_args, load_model, load_tokenizer, set_stop_tokens
 from medicalgpt.templates import resolve_template
 from medicalgpt.training import STAGE_DEFAULTS, prepare_run, train_and_save
@@ -48,4 +49,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

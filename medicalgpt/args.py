@@ -10,7 +10,7 @@ Unknown or abbreviated flags are errors, and so are unknown keys in a config fil
 
 import json
 import sys
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +34,7 @@ class ModelArguments:
         "help": "Extend the context: TYPE:FACTOR, e.g. linear:2.0, dynamic:2.0 or yarn:4.0."})
     load_in_4bit: bool = field(default=False, metadata={"help": "QLoRA: load the base in 4-bit (bitsandbytes)."})
     load_in_8bit: bool = field(default=False, metadata={"help": "Load the base in 8-bit (bitsandbytes)."})
-    bnb_4bit_quant_type: str = field(default="nf4", metadata={"choices": ["nf4", "fp4"]})
+    bnb_4bit_quant_type: str = field(default="nf4", metadata={"help": "4-bit data type.", "choices": ["nf4", "fp4"]})
     bnb_4bit_use_double_quant: bool = field(default=True, metadata={"help": "Quantize the 4-bit scales too."})
 
 
@@ -42,9 +42,9 @@ class ModelArguments:
 class LoraArguments:
     use_peft: bool = field(default=True, metadata={
         "help": "Train a LoRA adapter; --use_peft False = full fine-tuning."})
-    lora_rank: int = field(default=8)
-    lora_alpha: float = field(default=16.0)
-    lora_dropout: float = field(default=0.05)
+    lora_rank: int = field(default=8, metadata={"help": "Rank r of the LoRA update matrices."})
+    lora_alpha: float = field(default=16.0, metadata={"help": "LoRA scaling numerator (scale = alpha / r)."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA input."})
     target_modules: str = field(default="all", metadata={
         "help": "Comma-separated module names, or 'all' = every linear layer except the output head and MoE routers."})
     modules_to_save: str | None = field(default=None, metadata={
@@ -60,7 +60,7 @@ class DataArguments:
         "help": "Directory (searched recursively) or file(s) of .txt/.json/.jsonl/.parquet; comma-separated."})
     validation_file_dir: str | None = field(default=None, metadata={"help": "Like --train_file_dir, for validation."})
     dataset_name: str | None = field(default=None, metadata={"help": "A hub dataset (needs network access)."})
-    dataset_config_name: str | None = field(default=None)
+    dataset_config_name: str | None = field(default=None, metadata={"help": "The hub dataset's configuration."})
     validation_split_percentage: float = field(default=1.0, metadata={
         "help": "Percent of the training records held out for validation when no validation files are given."})
     max_train_samples: int | None = field(default=None, metadata={"help": "Truncate the training set (debugging)."})
@@ -116,3 +116,24 @@ def parse_args(dataclass_types: tuple[type, ...], args: list[str] | None = None,
     values = vars(namespace)
     return tuple(dataclass_type(**{f.name: values[f.name] for f in fields(dataclass_type) if f.init})
                  for dataclass_type in dataclass_types)
+
+
+def flag_reference(dataclass_type: type) -> str:
+    """A Markdown table of the flags a dataclass adds to its bases (the README's flag reference)."""
+    inherited = {f.name for base in dataclass_type.__bases__ if is_dataclass(base) for f in fields(base)}
+    rows = ["| flag | default | what it does |", "|---|---|---|"]
+    for f in (f for f in fields(dataclass_type) if f.name not in inherited):
+        choices = f.metadata.get("choices")
+        text = f.metadata.get("help", "") + (f" One of: {', '.join(choices)}." if choices else "")
+        rows.append(f"| `--{f.name}` | `{f.default}` | {text.strip()} |")
+    return "\n".join(rows)
+
+
+def flag_reference_markdown() -> str:
+    """The flag reference of every shared argument group, as the README shows it."""
+    groups = (ModelArguments, LoraArguments, DataArguments, PretrainDataArguments, ChatDataArguments)
+    return "\n\n".join(f"#### {group.__name__}\n\n{flag_reference(group)}" for group in groups)
+
+
+if __name__ == "__main__":
+    print(flag_reference_markdown())

@@ -8,6 +8,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 
 from medicalgpt.args import LoraArguments, ModelArguments
 from medicalgpt.default_model import ensure_default_model
+from medicalgpt.errors import UsageError
 
 logger = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -26,7 +27,7 @@ def load_tokenizer(model_args: ModelArguments):
                                               trust_remote_code=model_args.trust_remote_code)
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
-            raise ValueError("the tokenizer has neither a pad nor an EOS token; add one before training")
+            raise UsageError("the tokenizer has neither a pad nor an EOS token; add one before training")
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 
@@ -43,17 +44,17 @@ def resolve_dtype(name: str) -> torch.dtype:
 def check_model_args(model_args: ModelArguments, lora_args: LoraArguments | None = None) -> None:
     """Fail fast, before any loading, on option combinations that cannot work here."""
     if model_args.load_in_4bit and model_args.load_in_8bit:
-        raise ValueError("--load_in_4bit and --load_in_8bit are exclusive; pick one")
+        raise UsageError("--load_in_4bit and --load_in_8bit are exclusive; pick one")
     quantized = model_args.load_in_4bit or model_args.load_in_8bit
     if quantized and lora_args is not None and not lora_args.use_peft:
-        raise ValueError("a 4/8-bit base cannot be fully fine-tuned: use LoRA (QLoRA) or drop --load_in_4bit/8bit")
+        raise UsageError("a 4/8-bit base cannot be fully fine-tuned: use LoRA (QLoRA) or drop --load_in_4bit/8bit")
     if quantized and importlib.util.find_spec("bitsandbytes") is None:
-        raise ValueError("--load_in_4bit/--load_in_8bit need bitsandbytes: pip install bitsandbytes")
+        raise UsageError("--load_in_4bit/--load_in_8bit need bitsandbytes: pip install bitsandbytes")
     if model_args.attn_implementation == "flash_attention_2":
         if not torch.cuda.is_available():
-            raise ValueError("--attn_implementation flash_attention_2 needs a CUDA GPU; on CPU use sdpa (the default)")
+            raise UsageError("--attn_implementation flash_attention_2 needs a CUDA GPU; on CPU use sdpa (the default)")
         if importlib.util.find_spec("flash_attn") is None:
-            raise ValueError("--attn_implementation flash_attention_2 needs flash-attn: pip install flash-attn "
+            raise UsageError("--attn_implementation flash_attention_2 needs flash-attn: pip install flash-attn "
                              "--no-build-isolation, or use sdpa")
 
 
@@ -63,7 +64,7 @@ def _rope_parameters(config, spec: str) -> dict:
     try:
         factor = float(factor)
     except ValueError:
-        raise ValueError(f"--rope_scaling {spec!r}: expected TYPE:FACTOR, e.g. linear:2.0") from None
+        raise UsageError(f"--rope_scaling {spec!r}: expected TYPE:FACTOR, e.g. linear:2.0") from None
     base = dict(config.rope_parameters or {})
     return {**base, "rope_type": rope_type, "factor": factor,
             "original_max_position_embeddings": config.max_position_embeddings}
@@ -131,7 +132,9 @@ def apply_lora(model: PreTrainedModel, lora_args: LoraArguments, training_args, 
         model = get_peft_model(model, LoraConfig(
             task_type=task_type, r=lora_args.lora_rank, lora_alpha=lora_args.lora_alpha,
             lora_dropout=lora_args.lora_dropout, target_modules=targets, modules_to_save=to_save,
-            use_dora=lora_args.use_dora, use_rslora=lora_args.use_rslora))
+            use_dora=lora_args.use_dora, use_rslora=lora_args.use_rslora,
+            # A tied embedding/head trained in full must stay tied, or the saved adapter disagrees with itself.
+            ensure_weight_tying=bool(to_save) and model.config.get_text_config().tie_word_embeddings))
     model.print_trainable_parameters()
     return model
 

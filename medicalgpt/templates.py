@@ -15,6 +15,8 @@ from pathlib import Path
 
 import jinja2
 
+from medicalgpt.errors import UsageError
+
 IGNORE_INDEX = -100
 CHAT_TEMPLATE_DIR = Path(__file__).parent / "chat_templates"
 GENERATION_MARKER = re.compile(r"\{%-?\s*generation\s*-?%\}")
@@ -97,7 +99,7 @@ class Template:
     def encode_prompt(self, tokenizer, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
         """ids of a conversation ending in a user/observation turn plus the assistant generation prompt."""
         if messages[-1]["role"] not in USER_SIDE:
-            raise ValueError(f"a prompt must end in a user or observation turn, not {messages[-1]['role']!r}")
+            raise UsageError(f"a prompt must end in a user or observation turn, not {messages[-1]['role']!r}")
         text = "".join(text for text, _ in self._segments(messages, tools)) + self.assistant_prefix
         return tokenizer.encode(text, add_special_tokens=False)
 
@@ -130,7 +132,7 @@ class Template:
         if role in ASSISTANT_SIDE:
             fmt = self.assistant if role == "assistant" else self.function_call or self.assistant
             return [(self.assistant_prefix, False), (_fill(fmt, content), True), (self.assistant_suffix, False)]
-        raise ValueError(f"unknown role {role!r}: expected system (first), {', '.join(USER_SIDE + ASSISTANT_SIDE)}")
+        raise UsageError(f"unknown role {role!r}: expected system (first), {', '.join(USER_SIDE + ASSISTANT_SIDE)}")
 
 
 @dataclass(frozen=True)
@@ -238,7 +240,7 @@ TEMPLATES: dict[str, Template] = {
 def get_template(name: str) -> Template:
     """The built-in template called name."""
     if name not in TEMPLATES:
-        raise ValueError(f"unknown template {name!r}; known templates: {', '.join(TEMPLATES)}")
+        raise UsageError(f"unknown template {name!r}; known templates: {', '.join(TEMPLATES)}")
     return TEMPLATES[name]
 
 
@@ -274,13 +276,13 @@ def resolve_template(tokenizer, template_name: str | None) -> Template | Tokeniz
     if isinstance(own, dict):  # a tokenizer with several named templates
         own = own.get("default")
     if not own:
-        raise ValueError(f"the tokenizer has no chat template; pass --template_name one of {', '.join(TEMPLATES)}")
+        raise UsageError(f"the tokenizer has no chat template; pass --template_name one of {', '.join(TEMPLATES)}")
     rendered = _render_probes(tokenizer, own)
     for template in TEMPLATES.values():
         if _render_probes(tokenizer, template.jinja) == rendered:
             return template
     if not GENERATION_MARKER.search(own):
-        raise ValueError(
+        raise UsageError(
             "the tokenizer's chat template has no {% generation %} markers and matches no built-in template; "
             f"pass --template_name one of {', '.join(TEMPLATES)}"
         )

@@ -11,6 +11,7 @@ import transformers
 from transformers import Trainer, TrainerCallback, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
+from medicalgpt.errors import UsageError
 from medicalgpt.plotting import plot_loss
 
 logger = logging.getLogger("medicalgpt")
@@ -34,7 +35,7 @@ def resolve_resume_checkpoint(training_args) -> str | None:
         logger.info("Resuming from %s", last or "scratch (no checkpoint in output_dir yet)")
         return last
     if not os.path.isdir(resume):
-        raise FileNotFoundError(f"--resume_from_checkpoint {resume}: no such checkpoint directory")
+        raise UsageError(f"--resume_from_checkpoint {resume}: no such checkpoint directory")
     return resume
 
 

@@ -10,10 +10,12 @@ from transformers import AutoModelForCausalLM
 
 import pretraining
 import supervised_finetuning
+from evaluate import main as evaluate_main
 from evaluate import text_perplexity
 from medicalgpt.args import ChatDataArguments, LoraArguments, ModelArguments, parse_args
 from medicalgpt.data import build_sft_splits, pack_sft_splits
 from medicalgpt.data.collators import PackedRowsCollator
+from medicalgpt.errors import run_cli
 from medicalgpt.generation import generate
 from medicalgpt.modeling import load_for_inference, load_tokenizer
 from medicalgpt.templates import IGNORE_INDEX, get_template
@@ -152,3 +154,24 @@ def test_qlora_4bit_trains_on_cpu(tiny_model_dir, tmp_path):
 def test_impossible_options_fail_before_any_work(flags, message, tmp_path):
     with pytest.raises(ValueError, match=message):
         supervised_finetuning.main(["--output_dir", str(tmp_path), *SFT_DATA, *flags])
+
+
+def test_cli_reports_bad_data_in_one_line(tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}\n{"oops"\n')
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(lambda: supervised_finetuning.main(["--train_file_dir", str(bad), "--output_dir", str(tmp_path)]))
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip() == f"error: {bad}:2: invalid JSON: Expecting ':' delimiter (column 8)"
+
+
+def test_evaluate_appends_rows_and_prints_the_table(tiny_model_dir, tmp_path, capsys):
+    results = tmp_path / "results.jsonl"
+    common = ["--model_name_or_path", tiny_model_dir, "--results_file", str(results), "--max_new_tokens", "4"]
+    evaluate_main([*common, "--name", "first", "--perplexity_files", "data/pretrain/validation"])
+    row = evaluate_main([*common, "--name", "second", "--questions_file", "data/sft/validation",
+                         "--num_questions", "2"])
+    assert [json.loads(line)["name"] for line in results.read_text().splitlines()] == ["first", "second"]
+    assert len(row["samples"]) == 2 and row["samples"][0]["reference"]
+    out = capsys.readouterr().out
+    assert "| first | " in out and "| second | " in out and "reference: " in out

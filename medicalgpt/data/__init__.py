@@ -3,7 +3,8 @@
 from medicalgpt.data.formats import detect_format, to_conversation, to_text
 from medicalgpt.data.loading import load_splits
 from medicalgpt.data.processors import build_pretraining_splits, build_sft_splits, pack_sft_splits
-from medicalgpt.data.readers import DataError, find_data_files, iter_records
+from medicalgpt.data.readers import find_data_files, iter_records
+from medicalgpt.errors import DataError
 
 __all__ = ["DataError", "pack_sft_splits", "build_pretraining_splits", "build_sft_splits", "detect_format",
            "find_data_files", "iter_records", "load_splits", "to_conversation", "to_text"]

@@ -9,7 +9,7 @@ prefixes the file and line.
 
 import json
 
-from medicalgpt.data.readers import DataError
+from medicalgpt.errors import DataError
 
 SHAREGPT_ROLES = {
     "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system",
@@ -71,6 +71,18 @@ def validate_turns(messages: list[dict], field_name: str) -> None:
         raise DataError(f"{field_name}: the conversation must end with an assistant turn")
 
 
+def _role(turn: object, where: str, key: str, roles: dict[str, str], earlier: list[dict]) -> str:
+    """The normalised role of one turn; a system turn may only open the conversation."""
+    if not isinstance(turn, dict):
+        raise DataError(f"{where}: expected an object, got {type(turn).__name__}")
+    name = _string(turn.get(key), f"{where}.{key}")
+    if name not in roles:
+        raise DataError(f"{where}.{key}: unknown role '{name}' (expected one of {', '.join(roles)})")
+    if roles[name] == "system" and earlier:
+        raise DataError(f"{where}.{key}: a system turn may only come first")
+    return roles[name]
+
+
 def _sharegpt(record: dict) -> list[dict]:
     turns = record["conversations"]
     if not isinstance(turns, list) or not turns:
@@ -79,14 +91,7 @@ def _sharegpt(record: dict) -> list[dict]:
     messages = [{"role": "system", "content": _string(system, "system_prompt", True)}] if system else []
     for index, turn in enumerate(turns):
         where = f"conversations[{index}]"
-        if not isinstance(turn, dict):
-            raise DataError(f"{where}: expected an object with 'from' and 'value'")
-        role = SHAREGPT_ROLES.get(_string(turn.get("from"), f"{where}.from"))
-        if role is None:
-            raise DataError(f"{where}.from: unknown role '{turn['from']}' (expected one of "
-                            f"{', '.join(SHAREGPT_ROLES)})")
-        if role == "system" and (index > 0 or messages):
-            raise DataError(f"{where}.from: a system turn may only come first")
+        role = _role(turn, where, "from", SHAREGPT_ROLES, messages)
         messages.append({"role": role, "content": _string(turn.get("value"), f"{where}.value")})
     return messages
 
@@ -108,14 +113,7 @@ def _openai(record: dict) -> list[dict]:
     messages = []
     for index, message in enumerate(raw):
         where = f"messages[{index}]"
-        if not isinstance(message, dict):
-            raise DataError(f"{where}: expected an object with 'role' and 'content'")
-        role = OPENAI_ROLES.get(_string(message.get("role"), f"{where}.role"))
-        if role is None:
-            raise DataError(f"{where}.role: unknown role '{message['role']}' (expected one of "
-                            f"{', '.join(OPENAI_ROLES)})")
-        if role == "system" and index > 0:
-            raise DataError(f"{where}.role: a system message may only come first")
+        role = _role(message, where, "role", OPENAI_ROLES, messages)
         if role == "assistant" and message.get("tool_calls"):
             role = "function_call"
         messages.append({"role": role, "content": _openai_content(message, where)})

@@ -7,7 +7,8 @@ from dataclasses import dataclass, field
 from datasets import Dataset, DatasetDict
 
 from medicalgpt.data.formats import detect_format
-from medicalgpt.data.readers import DataError, find_data_files, iter_records
+from medicalgpt.data.readers import find_data_files, iter_records
+from medicalgpt.errors import DataError
 
 logger = logging.getLogger(__name__)
 Converter = Callable[[object], dict]

@@ -6,7 +6,7 @@ from itertools import chain
 
 from datasets import DatasetDict
 
-from medicalgpt.data.readers import DataError
+from medicalgpt.errors import DataError, UsageError
 from medicalgpt.templates import IGNORE_INDEX
 
 logger = logging.getLogger(__name__)
@@ -19,7 +19,7 @@ def build_pretraining_splits(splits: DatasetDict, tokenizer, block_size: int,
     The tail shorter than a block is kept as a last, shorter block, so a small validation set is not lost.
     """
     if tokenizer.eos_token_id is None:
-        raise ValueError("the tokenizer has no EOS token to separate documents; pass a tokenizer with one")
+        raise UsageError("the tokenizer has no EOS token to separate documents; pass a tokenizer with one")
 
     def tokenize(batch: dict) -> dict:
         ids = tokenizer(batch["text"], add_special_tokens=False)["input_ids"]

@@ -4,11 +4,9 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
+from medicalgpt.errors import DataError
+
 DATA_SUFFIXES = (".txt", ".json", ".jsonl", ".parquet")
-
-
-class DataError(ValueError):
-    """A problem with the user's data; the message names the file, line and field."""
 
 
 def find_data_files(spec: str) -> list[Path]:
@@ -46,7 +44,7 @@ def _decoded_lines(path: Path) -> Iterator[tuple[int, str | DataError]]:
 def _json_lines(path: Path) -> Iterator[tuple[str, object]]:
     for number, line in _decoded_lines(path):
         try:
-            yield f"{path}:{number}", line if isinstance(line, DataError) else json.loads(line)
+            yield f"{path}:{number}", line if isinstance(line, DataError) else json.loads(line.rstrip("\r\n"))
         except json.JSONDecodeError as e:
             yield f"{path}:{number}", DataError(f"invalid JSON: {e.msg} (column {e.colno})")
 
