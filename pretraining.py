@@ -24,10 +24,11 @@ def main(argv: list[str] | None = None) -> dict:
     check_model_args(model_args, lora_args)
     resume = prepare_run(training_args)
 
+    records = load_splits(data_args, to_text, training_args.seed)  # bad data fails before any model loads
     tokenizer = load_tokenizer(model_args)
     with training_args.main_process_first(desc="dataset preparation"):
-        splits = build_pretraining_splits(load_splits(data_args, to_text, training_args.seed), tokenizer,
-                                          data_args.block_size, data_args.preprocessing_num_workers)
+        splits = build_pretraining_splits(records, tokenizer, data_args.block_size,
+                                          data_args.preprocessing_num_workers)
     model = apply_lora(load_model(model_args), lora_args, training_args)
 
     trainer = Trainer(

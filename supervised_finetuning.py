@@ -27,12 +27,12 @@ def main(argv: list[str] | None = None) -> dict:
     check_model_args(model_args, lora_args)
     resume = prepare_run(training_args)
 
+    records = load_splits(data_args, to_conversation, training_args.seed)  # bad data fails before any model loads
     tokenizer = load_tokenizer(model_args)
     template = resolve_template(tokenizer, data_args.template_name)
     tokenizer.chat_template = template.jinja  # the saved tokenizer renders prompts exactly as trained
     with training_args.main_process_first(desc="dataset preparation"):
-        splits = build_sft_splits(load_splits(data_args, to_conversation, training_args.seed), tokenizer, template,
-                                  training_args.max_length, data_args.train_on_inputs,
+        splits = build_sft_splits(records, tokenizer, template, training_args.max_length, data_args.train_on_inputs,
                                   data_args.preprocessing_num_workers)
         # Flash-attention packs best padding-free inside TRL; other kernels get our per-row packs.
         pack_rows = training_args.packing and model_args.attn_implementation != "flash_attention_2"
