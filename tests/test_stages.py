@@ -84,7 +84,8 @@ def test_sft_full_finetuning_lowers_loss_and_saves_template(pt_model, tmp_path):
 def test_lora_adapter_reloads_and_generates(pt_model, tmp_path):
     out = tmp_path / "lora"
     supervised_finetuning.main(["--model_name_or_path", pt_model[0], "--output_dir", str(out), *SFT_DATA, *FAST,
-                                "--max_steps", "5", "--learning_rate", "1e-2", "--lora_rank", "4"])
+                                "--max_steps", "5", "--learning_rate", "1e-2", "--lora_rank", "4",
+                                "--neftune_noise_alpha", "5", "--activation_checkpointing", "True"])
     assert (out / "adapter_model.safetensors").exists() and (out / "tokenizer.json").exists()
     model_args = ModelArguments(model_name_or_path=pt_model[0])
     model = load_for_inference(model_args, str(out))
