@@ -1,28 +1,81 @@
-"""One generation path, shared by evaluation, inference, the API server and the demo."""
+"""One generation path, shared by evaluation, inference, the API server and the chat demo."""
+
+import threading
+from collections.abc import Iterator
 
 import torch
 from tqdm.auto import tqdm
+from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+
+
+def sampling_kwargs(temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
+                    repetition_penalty: float = 1.0) -> dict:
+    """model.generate() arguments; temperature 0 means greedy decoding."""
+    sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k) if temperature > 0 else \
+        dict(do_sample=False)
+    return {**sampling, "repetition_penalty": repetition_penalty}
+
+
+def _left_padded(prompts: list[list[int]], pad_id: int, device) -> dict:
+    width = max(len(p) for p in prompts)
+    return {"input_ids": torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts], device=device),
+            "attention_mask": torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)}
 
 
 @torch.inference_mode()
-def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int = 128, temperature: float = 0.0,
-             top_p: float = 1.0, top_k: int = 0, repetition_penalty: float = 1.0, batch_size: int = 8,
-             show_progress: bool = False) -> list[str]:
+def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int = 128, batch_size: int = 8,
+             show_progress: bool = False, **sampling) -> list[str]:
     """Complete tokenised prompts in left-padded batches; returns the new text of each, in input order.
 
-    temperature 0 means greedy decoding.
+    sampling: temperature, top_p, top_k, repetition_penalty (see sampling_kwargs).
     """
-    sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k) if temperature > 0 else \
-        dict(do_sample=False)
-    pad_id = tokenizer.pad_token_id
     outputs = []
-    batches = range(0, len(prompts), batch_size)
-    for start in tqdm(batches, desc="Generating", disable=not show_progress):
-        batch = prompts[start: start + batch_size]
-        width = max(len(p) for p in batch)
-        input_ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in batch], device=model.device)
-        attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=model.device)
-        generated = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
-                                   repetition_penalty=repetition_penalty, pad_token_id=pad_id, **sampling)
-        outputs += tokenizer.batch_decode(generated[:, width:], skip_special_tokens=True)
+    for start in tqdm(range(0, len(prompts), batch_size), desc="Generating", disable=not show_progress):
+        inputs = _left_padded(prompts[start: start + batch_size], tokenizer.pad_token_id, model.device)
+        generated = model.generate(**inputs, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                                   **sampling_kwargs(**sampling))
+        outputs += tokenizer.batch_decode(generated[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
     return [text.strip() for text in outputs]
+
+
+class _StopOnEvent(StoppingCriteria):
+    """Ends generation when the event is set (e.g. the client went away)."""
+
+    def __init__(self, event: threading.Event):
+        self.event = event
+
+    def __call__(self, input_ids, scores, **kwargs) -> bool:
+        return self.event.is_set()
+
+
+def stream_generate(model, tokenizer, prompt: list[int], max_new_tokens: int = 128,
+                    stop: threading.Event | None = None, timeout: float = 120.0, **sampling) -> Iterator[str]:
+    """Yield the completion of one tokenised prompt as text pieces while it is generated.
+
+    Setting `stop` ends generation early. An error in the generation thread is re-raised here, and a
+    stalled generation raises queue.Empty after `timeout` seconds, so a consumer never hangs.
+    """
+    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=timeout)
+    stop = stop or threading.Event()
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            with torch.inference_mode():
+                model.generate(**_left_padded([prompt], tokenizer.pad_token_id, model.device), streamer=streamer,
+                               max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                               stopping_criteria=StoppingCriteriaList([_StopOnEvent(stop)]),
+                               **sampling_kwargs(**sampling))
+        except BaseException as error:  # handed to the consumer below
+            failure.append(error)
+            streamer.end()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    try:
+        yield from streamer
+    finally:
+        stop.set()  # the consumer stopped reading (or finished): let the thread end
+        thread.join()
+    if failure:
+        raise failure[0]
