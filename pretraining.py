@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> dict:
         train_dataset=splits["train"], eval_dataset=splits.get("validation"),
         data_collator=DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id),
     )
-    return train_and_save(trainer, resume)
+    return train_and_save(trainer, resume, report_perplexity=True)
 
 
 if __name__ == "__main__":

@@ -11,26 +11,22 @@ attend to each other (position ids restart per sample; works with sdpa on CPU an
 
 from trl import SFTConfig, SFTTrainer
 
-from medicalgpt.args import ChatDataArguments, LoraArguments, ModelArguments, parse_args
-from medicalgpt.data import build_sft_splits, load_splits, pack_sft_splits, to_conversation
+from medicalgpt.args import LoraArguments, ModelArguments, SFTDataArguments, parse_args
+from medicalgpt.data import build_sft_splits, pack_sft_splits, to_conversation
 from medicalgpt.data.collators import PackedRowsCollator
 from medicalgpt.errors import run_cli
-from medicalgpt.modeling import apply_lora, check_model_args, load_model, load_tokenizer, set_stop_tokens
-from medicalgpt.templates import resolve_template
-from medicalgpt.training import STAGE_DEFAULTS, prepare_run, train_and_save
+from medicalgpt.modeling import apply_lora, check_model_args, load_model, set_stop_tokens
+from medicalgpt.training import STAGE_DEFAULTS, load_chat_inputs, prepare_run, train_and_save
 
 
 def main(argv: list[str] | None = None) -> dict:
     model_args, lora_args, data_args, training_args = parse_args(
-        (ModelArguments, LoraArguments, ChatDataArguments, SFTConfig), argv,
+        (ModelArguments, LoraArguments, SFTDataArguments, SFTConfig), argv,
         defaults={**STAGE_DEFAULTS, "output_dir": "outputs-sft", "max_length": 512})
     check_model_args(model_args, lora_args)
     resume = prepare_run(training_args)
 
-    records = load_splits(data_args, to_conversation, training_args.seed)  # bad data fails before any model loads
-    tokenizer = load_tokenizer(model_args)
-    template = resolve_template(tokenizer, data_args.template_name)
-    tokenizer.chat_template = template.jinja  # the saved tokenizer renders prompts exactly as trained
+    records, tokenizer, template = load_chat_inputs(model_args, data_args, training_args, to_conversation)
     with training_args.main_process_first(desc="dataset preparation"):
         splits = build_sft_splits(records, tokenizer, template, training_args.max_length, data_args.train_on_inputs,
                                   data_args.preprocessing_num_workers)
@@ -45,7 +41,7 @@ def main(argv: list[str] | None = None) -> dict:
     trainer = SFTTrainer(model=model, args=training_args, processing_class=tokenizer,
                          train_dataset=splits["train"], eval_dataset=splits.get("validation"),
                          data_collator=PackedRowsCollator(tokenizer.pad_token_id) if pack_rows else None)
-    return train_and_save(trainer, resume)
+    return train_and_save(trainer, resume, report_perplexity=True)
 
 
 if __name__ == "__main__":

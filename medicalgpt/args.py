@@ -3,7 +3,7 @@
 A stage combines these dataclasses with its trainer's config (TrainingArguments, SFTConfig, ...):
 
     model_args, lora_args, data_args, training_args = parse_args(
-        (ModelArguments, LoraArguments, ChatDataArguments, SFTConfig), defaults={"output_dir": "outputs-sft"})
+        (ModelArguments, LoraArguments, SFTDataArguments, SFTConfig), defaults={"output_dir": "outputs-sft"})
 
 Unknown or abbreviated flags are errors, and so are unknown keys in a config file.
 """
@@ -79,8 +79,20 @@ class PretrainDataArguments(DataArguments):
 class ChatDataArguments(DataArguments):
     template_name: str | None = field(default=None, metadata={
         "help": "Built-in chat template (chatml, qwen, llama3, ...). Default: the tokenizer's own template."})
+
+
+@dataclass
+class SFTDataArguments(ChatDataArguments):
     train_on_inputs: bool = field(default=False, metadata={
         "help": "Also train on system/user tokens (default: loss on assistant tokens only)."})
+
+
+@dataclass
+class PreferenceDataArguments(ChatDataArguments):
+    max_source_length: int = field(default=1024, metadata={
+        "help": "Drop examples whose prompt (with history and system prompt) is longer, in tokens."})
+    max_target_length: int = field(default=512, metadata={
+        "help": "Drop examples with an answer (chosen, rejected or completion) longer than this, in tokens."})
 
 
 def _config_file_defaults(path: str, parser: HfArgumentParser) -> dict[str, Any]:
@@ -131,7 +143,8 @@ def flag_reference(dataclass_type: type) -> str:
 
 def flag_reference_markdown() -> str:
     """The flag reference of every shared argument group, as the README shows it."""
-    groups = (ModelArguments, LoraArguments, DataArguments, PretrainDataArguments, ChatDataArguments)
+    groups = (ModelArguments, LoraArguments, DataArguments, PretrainDataArguments, ChatDataArguments,
+              SFTDataArguments, PreferenceDataArguments)
     return "\n\n".join(f"#### {group.__name__}\n\n{flag_reference(group)}" for group in groups)
 
 

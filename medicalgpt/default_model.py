@@ -32,6 +32,9 @@ MODEL_SIZES = {
     # ~4.5M parameters: learns the sample corpus on 2 CPU cores in minutes.
     "default": dict(hidden_size=256, intermediate_size=704, num_hidden_layers=4, num_attention_heads=4,
                     num_key_value_heads=2),
+    # For benchmarks: ~27M parameters, enough that the model's own memory shows against the runtime's.
+    "large": dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=8, num_attention_heads=8,
+                  num_key_value_heads=4),
     # For tests: ~0.3M parameters, head size 32 (vLLM's CPU backend rejects 16); every width a multiple of 32,
     # which bitsandbytes' CPU 4-bit kernel requires.
     "tiny": dict(hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=2,

@@ -11,8 +11,11 @@ import transformers
 from transformers import Trainer, TrainerCallback, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
+from medicalgpt.data import build_preference_splits, load_splits, to_preference
 from medicalgpt.errors import UsageError
+from medicalgpt.modeling import apply_lora, load_model, load_tokenizer, set_stop_tokens
 from medicalgpt.plotting import plot_loss
+from medicalgpt.templates import resolve_template
 
 logger = logging.getLogger("medicalgpt")
 
@@ -67,8 +70,11 @@ def with_perplexity(metrics: dict, prefix: str) -> dict:
     return metrics
 
 
-def train_and_save(trainer: Trainer, resume_from_checkpoint: str | None) -> dict:
-    """Train, save model/adapter + tokenizer, evaluate on validation, write metrics and loss.png."""
+def train_and_save(trainer: Trainer, resume_from_checkpoint: str | None, report_perplexity: bool = False) -> dict:
+    """Train, save model/adapter + tokenizer, evaluate on validation, write metrics and loss.png.
+
+    report_perplexity: the eval loss is a token-level NLL (PT, SFT), so exp(loss) is the perplexity.
+    """
     trainer.add_callback(LossPlotCallback())
     result = trainer.train(resume_from_checkpoint=resume_from_checkpoint)
     trainer.save_model()
@@ -77,7 +83,9 @@ def train_and_save(trainer: Trainer, resume_from_checkpoint: str | None) -> dict
     trainer.save_state()
     metrics = dict(result.metrics)
     if trainer.eval_dataset is not None:
-        eval_metrics = with_perplexity(trainer.evaluate(), "eval")
+        eval_metrics = trainer.evaluate()
+        if report_perplexity:
+            eval_metrics = with_perplexity(eval_metrics, "eval")
         trainer.log_metrics("eval", eval_metrics)
         trainer.save_metrics("eval", eval_metrics)
         metrics.update(eval_metrics)
@@ -97,3 +105,30 @@ STAGE_DEFAULTS = {
     "save_steps": 500,
     "save_total_limit": 3,
 }
+
+
+def load_chat_inputs(model_args, data_args, training_args, convert) -> tuple:
+    """Records, tokenizer and chat template of a conversational stage.
+
+    The records are read and validated first, so bad data fails before any model is loaded; the template is
+    set on the tokenizer, so the saved tokenizer renders prompts exactly as training did.
+    """
+    records = load_splits(data_args, convert, training_args.seed)
+    tokenizer = load_tokenizer(model_args)
+    template = resolve_template(tokenizer, data_args.template_name)
+    tokenizer.chat_template = template.jinja
+    return records, tokenizer, template
+
+
+def load_preference_inputs(model_args, lora_args, data_args, training_args, convert=to_preference,
+                           build=build_preference_splits, model_class=None, task_type: str = "CAUSAL_LM") -> tuple:
+    """Model (with LoRA), tokenizer and tokenised splits of a preference stage (RM, DPO, ORPO, CPO, KTO)."""
+    records, tokenizer, template = load_chat_inputs(model_args, data_args, training_args, convert)
+    with training_args.main_process_first(desc="dataset preparation"):
+        splits = build(records, tokenizer, template, data_args.max_source_length, data_args.max_target_length,
+                       data_args.preprocessing_num_workers)
+    base = load_model(model_args, model_class, num_labels=1) if model_class else load_model(model_args)
+    model = apply_lora(base, lora_args, training_args, task_type=task_type)
+    if task_type == "CAUSAL_LM":
+        set_stop_tokens(model, tokenizer, template.stop_words)
+    return model, tokenizer, splits

@@ -86,7 +86,7 @@ def test_alpaca_history_input_and_system():
     ({"messages": [{"role": "user", "content": 3}]}, "messages[0].content: expected a string, got int"),
     ({"instruction": "q"}, "output: expected a string"),
     ({"question": "q"}, "unknown record format"),
-    ({"text": "doc"}, "plain-text record where a conversation"),
+    ({"text": "doc"}, "text: a text record where a conversation"),
 ])
 def test_bad_conversations_name_the_field(record, message):
     with pytest.raises(DataError, match=message.replace("[", r"\[").replace("]", r"\]").replace("(", r"\(")):

@@ -12,7 +12,7 @@ import pretraining
 import supervised_finetuning
 from evaluate import main as evaluate_main
 from evaluate import text_perplexity
-from medicalgpt.args import ChatDataArguments, LoraArguments, ModelArguments, parse_args
+from medicalgpt.args import LoraArguments, ModelArguments, SFTDataArguments, parse_args
 from medicalgpt.data import build_sft_splits, pack_sft_splits
 from medicalgpt.data.collators import PackedRowsCollator
 from medicalgpt.errors import run_cli
@@ -48,7 +48,7 @@ def test_unknown_or_abbreviated_flag_is_an_error(capsys):
 def test_config_file_with_cli_override(tmp_path, capsys):
     config = tmp_path / "sft.yaml"
     config.write_text("lora_rank: 4\ntemplate_name: qwen\n")
-    types = (ModelArguments, LoraArguments, ChatDataArguments)
+    types = (ModelArguments, LoraArguments, SFTDataArguments)
     _, lora_args, data_args = parse_args(types, [str(config), "--lora_rank", "16"])
     assert (lora_args.lora_rank, data_args.template_name) == (16, "qwen")
     config.write_text("lora_rnak: 4\n")

@@ -18,7 +18,8 @@ SHAREGPT_ROLES = {
 OPENAI_ROLES = {"system": "system", "user": "user", "assistant": "assistant", "tool": "observation"}
 USER_SIDE = {"user", "observation"}
 ASSISTANT_SIDE = {"assistant", "function_call"}
-FORMAT_KEYS = {"sharegpt": "conversations", "openai": "messages", "alpaca": "instruction", "text": "text"}
+FORMAT_KEYS = {"sharegpt": "conversations", "openai": "messages", "prompt": "prompt", "alpaca": "instruction",
+               "text": "text"}
 
 
 def detect_format(record: object) -> str:
@@ -29,8 +30,7 @@ def detect_format(record: object) -> str:
         if key in record:
             return name
     keys = ", ".join(sorted(record)) or "none"
-    raise DataError(f"unknown record format: expected a field conversations, messages, instruction or text; "
-                    f"found: {keys}")
+    raise DataError(f"unknown record format: expected a field {', '.join(FORMAT_KEYS.values())}; found: {keys}")
 
 
 def _string(value: object, field_name: str, allow_empty: bool = False) -> str:
@@ -56,8 +56,8 @@ def _tools_json(record: dict) -> str:
     return json.dumps(tools, ensure_ascii=False)
 
 
-def validate_turns(messages: list[dict], field_name: str) -> None:
-    """System first (optional), then user-side and assistant-side turns alternating, ending with the assistant."""
+def validate_turns(messages: list[dict], field_name: str, ends_with: set[str] = ASSISTANT_SIDE) -> None:
+    """System first (optional), then user-side and assistant-side turns alternating, ending on the given side."""
     turns = messages[1:] if messages and messages[0]["role"] == "system" else messages
     if not turns:
         raise DataError(f"{field_name}: no user/assistant turns")
@@ -67,8 +67,9 @@ def validate_turns(messages: list[dict], field_name: str) -> None:
             side = "a user (or observation)" if index % 2 == 0 else "an assistant (or function_call)"
             position = index + len(messages) - len(turns)
             raise DataError(f"{field_name}[{position}]: expected {side} turn, got role '{message['role']}'")
-    if turns[-1]["role"] not in ASSISTANT_SIDE:
-        raise DataError(f"{field_name}: the conversation must end with an assistant turn")
+    if turns[-1]["role"] not in ends_with:
+        side = "an assistant" if ends_with == ASSISTANT_SIDE else "a user"
+        raise DataError(f"{field_name}: the conversation must end with {side} turn")
 
 
 def _role(turn: object, where: str, key: str, roles: dict[str, str], earlier: list[dict]) -> str:
@@ -146,8 +147,8 @@ CONVERTERS = {"sharegpt": (_sharegpt, "conversations"), "openai": (_openai, "mes
 def to_conversation(record: object) -> dict:
     """A ShareGPT, OpenAI-messages or Alpaca record as {"messages": [...], "tools": str}."""
     kind = detect_format(record)
-    if kind == "text":
-        raise DataError("text: a plain-text record where a conversation (conversations, messages or "
+    if kind not in CONVERTERS:
+        raise DataError(f"{FORMAT_KEYS[kind]}: a {kind} record where a conversation (conversations, messages or "
                         "instruction/output) was expected")
     convert, field_name = CONVERTERS[kind]
     messages = convert(record)
@@ -162,3 +163,78 @@ def to_text(record: object) -> dict:
         raise DataError(f"{FORMAT_KEYS[kind]}: a {kind} conversation where pretraining text "
                         "(a .txt line or {\"text\": ...}) was expected")
     return {"text": _string(record["text"], "text")}
+
+
+def _response(record: dict, key: str) -> str:
+    """A chosen/rejected/completion answer: a string, or OpenAI-style [{"role": "assistant", "content": ...}]."""
+    if key not in record:
+        raise DataError(f"{key}: missing")
+    value = record[key]
+    if isinstance(value, list):
+        if len(value) != 1 or not isinstance(value[0], dict) or value[0].get("role") != "assistant":
+            raise DataError(f"{key}: expected a string or a list with one assistant message")
+        return _openai_content(value[0], f"{key}[0]")
+    return _string(value, key)
+
+
+def _prompt_messages(record: dict) -> tuple[list[dict], str]:
+    """The prompt turns (ending with a user turn) of a preference/KTO record, and the field they came from."""
+    kind = detect_format(record)
+    if kind == "sharegpt":
+        return _sharegpt(record), "conversations"
+    if kind == "alpaca":
+        return _alpaca({**record, "output": "-"})[:-1], "instruction"
+    if kind == "prompt":
+        prompt = record["prompt"]
+        if isinstance(prompt, str):
+            return [{"role": "user", "content": _string(prompt, "prompt")}], "prompt"
+        return _openai({"messages": prompt}), "prompt"
+    raise DataError(f"{FORMAT_KEYS[kind]}: a {kind} record where a preference prompt (conversations, prompt or "
+                    "instruction) was expected")
+
+
+def to_preference(record: object) -> dict:
+    """A preference pair as {"messages": prompt turns, "tools": str, "chosen": str, "rejected": str}."""
+    messages, field_name = _prompt_messages(record)
+    validate_turns(messages, field_name, ends_with=USER_SIDE)
+    chosen, rejected = _response(record, "chosen"), _response(record, "rejected")
+    if chosen.strip() == rejected.strip():
+        raise DataError("chosen, rejected: identical answers carry no preference")
+    return {"messages": messages, "tools": _tools_json(record), "chosen": chosen, "rejected": rejected}
+
+
+def to_unpaired(record: object) -> dict:
+    """A KTO example as {"messages", "tools", "completions": [str], "labels": [bool]}.
+
+    A prompt/completion/label record gives one completion; a preference pair gives two, its chosen answer
+    desirable and its rejected one not.
+    """
+    if isinstance(record, dict) and "chosen" in record:
+        pair = to_preference(record)
+        return {"messages": pair["messages"], "tools": pair["tools"],
+                "completions": [pair["chosen"], pair["rejected"]], "labels": [True, False]}
+    messages, field_name = _prompt_messages(record)
+    validate_turns(messages, field_name, ends_with=USER_SIDE)
+    label = record.get("label")
+    if not isinstance(label, bool):
+        raise DataError(f"label: expected true or false, got {json.dumps(label)}")
+    return {"messages": messages, "tools": _tools_json(record), "completions": [_response(record, "completion")],
+            "labels": [label]}
+
+
+def to_prompt(record: object) -> dict:
+    """A conversation to answer (inference input), as {"messages": [..., last user turn], "tools": str}.
+
+    A final assistant turn (a reference answer) is dropped, and an Alpaca record may leave out its output.
+    """
+    kind = detect_format(record)
+    if kind not in CONVERTERS:
+        raise DataError(f"{FORMAT_KEYS[kind]}: a {kind} record where a conversation to answer was expected")
+    if kind == "alpaca" and record.get("output") is None:
+        record = {**record, "output": "-"}  # a placeholder answer, dropped below like a reference answer
+    convert, field_name = CONVERTERS[kind]
+    messages = convert(record)
+    validate_turns(messages, field_name, ends_with=USER_SIDE | ASSISTANT_SIDE)
+    if messages[-1]["role"] in ASSISTANT_SIDE:
+        messages = messages[:-1]
+    return {"messages": messages, "tools": _tools_json(record)}

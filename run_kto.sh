@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# KTO: desirable/undesirable answers (unpaired prompt/completion/label records, or pairs split in two).
+# Edit the variables (or set them in the environment). The defaults suit a real model (LoRA) and also run
+# as they are on the embedded default model on CPU.  On a GPU:  MODEL=Qwen/Qwen2.5-0.5B-Instruct bash run_kto.sh
+set -euo pipefail
+cd "$(dirname "$0")"
+
+MODEL=${MODEL:-}                           # hub name or local path (usually the SFT model, merged); empty = embedded
+TRAIN=${TRAIN:-data/preference/train}
+VALID=${VALID:-data/preference/validation}
+OUTPUT=${OUTPUT:-outputs-kto}
+TEMPLATE=${TEMPLATE:-}                     # empty = the tokenizer's own chat template
+USE_PEFT=${USE_PEFT:-True}
+LORA_RANK=${LORA_RANK:-8}
+EPOCHS=${EPOCHS:-1}
+LR=${LR:-5e-5}
+BATCH=${BATCH:-4}
+GRAD_ACCUM=${GRAD_ACCUM:-1}
+MAX_SOURCE_LENGTH=${MAX_SOURCE_LENGTH:-1024}
+MAX_TARGET_LENGTH=${MAX_TARGET_LENGTH:-512}
+BETA=${BETA:-0.1}
+
+python kto_training.py \
+    ${MODEL:+--model_name_or_path "$MODEL"} ${TEMPLATE:+--template_name "$TEMPLATE"} \
+    --train_file_dir "$TRAIN" --validation_file_dir "$VALID" --output_dir "$OUTPUT" \
+    --use_peft "$USE_PEFT" --lora_rank "$LORA_RANK" --lora_alpha $((LORA_RANK * 2)) --target_modules all \
+    --max_source_length "$MAX_SOURCE_LENGTH" --max_target_length "$MAX_TARGET_LENGTH" \
+    --num_train_epochs "$EPOCHS" --learning_rate "$LR" --warmup_steps 10 --lr_scheduler_type cosine \
+    --per_device_train_batch_size "$BATCH" --per_device_eval_batch_size "$BATCH" \
+    --gradient_accumulation_steps "$GRAD_ACCUM" \
+    --eval_strategy steps --eval_steps 50 --save_steps 200 --logging_steps 10 \
+    --beta "$BETA" "$@"

@@ -1,0 +1,187 @@
+"""Preference stages: data formats, token-level pairs, and RM / DPO / ORPO / CPO-SimPO / KTO training."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from datasets import Dataset, DatasetDict
+from transformers import AutoModelForCausalLM
+
+import cpo_training
+import dpo_training
+import kto_training
+import orpo_training
+import reward_modeling
+from medicalgpt.data import DataError, build_preference_splits, load_splits, to_preference, to_unpaired
+from medicalgpt.templates import IGNORE_INDEX, get_template
+
+FAST = ["--report_to", "none", "--logging_steps", "1", "--save_strategy", "no", "--disable_tqdm", "True",
+        "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "8"]
+PAIRS = ["--train_file_dir", "data/preference/train", "--validation_file_dir", "data/preference/validation",
+         "--max_train_samples", "64", "--max_eval_samples", "16"]
+MEDICALGPT_PAIR = {"conversations": [{"from": "human", "value": "痛风急性发作首选什么药？"}],
+                   "chosen": "秋水仙碱。", "rejected": "阿莫西林。"}
+
+
+def data_args(path: str):
+    from medicalgpt.args import DataArguments
+
+    return DataArguments(train_file_dir=path, validation_split_percentage=0)
+
+
+def losses(output_dir) -> list[float]:
+    history = json.loads((output_dir / "trainer_state.json").read_text())["log_history"]
+    return [entry["loss"] for entry in history if "loss" in entry]
+
+
+def capture(monkeypatch, module, name: str) -> list:
+    """Record the trainer a stage script builds, to inspect it after main() returns."""
+    built = []
+    original = getattr(module, name)
+
+    class Recording(original):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            built.append(self)
+
+    monkeypatch.setattr(module, name, Recording)
+    return built
+
+
+# --- data -----------------------------------------------------------------------------------------------------------
+
+def test_preference_formats_normalise_alike():
+    expected = {"messages": [{"role": "user", "content": "痛风急性发作首选什么药？"}], "tools": "",
+                "chosen": "秋水仙碱。", "rejected": "阿莫西林。"}
+    openai_style = {"prompt": [{"role": "user", "content": "痛风急性发作首选什么药？"}],
+                    "chosen": [{"role": "assistant", "content": "秋水仙碱。"}],
+                    "rejected": [{"role": "assistant", "content": "阿莫西林。"}]}
+    alpaca_style = {"instruction": "痛风急性发作首选什么药？", "input": "", "chosen": "秋水仙碱。",
+                    "rejected": "阿莫西林。"}
+    assert to_preference(MEDICALGPT_PAIR) == to_preference(openai_style) == to_preference(alpaca_style) == expected
+
+
+def test_medicalgpt_preference_file_loads_and_bad_pairs_name_file_and_line(tmp_path):
+    assert len(load_splits(data_args("data/preference/train"), to_preference)["train"]) == 400
+    bad = tmp_path / "pairs.jsonl"
+    missing = {k: v for k, v in MEDICALGPT_PAIR.items() if k != "rejected"}
+    bad.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in [MEDICALGPT_PAIR, missing]) + "\n")
+    with pytest.raises(DataError, match=r"pairs\.jsonl:2: rejected: missing"):
+        load_splits(data_args(str(bad)), to_preference)
+    with pytest.raises(DataError, match="identical answers"):
+        to_preference({**MEDICALGPT_PAIR, "rejected": "秋水仙碱。"})
+    with pytest.raises(DataError, match="must end with a user turn"):
+        to_preference({**MEDICALGPT_PAIR, "conversations": [{"from": "human", "value": "q"}, {"from": "gpt",
+                                                                                             "value": "a"}]})
+
+
+def test_kto_reads_unpaired_records_and_splits_pairs():
+    assert to_unpaired({"prompt": "Dose?", "completion": "500 mg.", "label": False})["labels"] == [False]
+    assert to_unpaired(MEDICALGPT_PAIR)["completions"] == ["秋水仙碱。", "阿莫西林。"]
+    with pytest.raises(DataError, match="label: expected true or false"):
+        to_unpaired({"prompt": "Dose?", "completion": "500 mg.", "label": "yes"})
+
+
+def test_pairs_are_rendered_with_the_template(tokenizer, caplog):
+    template = get_template("chatml")
+    pair = to_preference({**MEDICALGPT_PAIR, "system_prompt": "你是医生。"})
+    long_pair = {**pair, "chosen": "很长的回答" * 40}
+    splits = build_preference_splits(DatasetDict({"train": Dataset.from_list([pair, long_pair])}), tokenizer,
+                                     template, max_source_length=64, max_target_length=32)["train"]
+    assert len(splits) == 1 and "dropped 1 of 2" in caplog.text
+    row = splits[0]
+    ids, labels = template.encode(tokenizer, pair["messages"] + [{"role": "assistant", "content": pair["chosen"]}])
+    trained_end = max(i for i, label in enumerate(labels) if label != IGNORE_INDEX) + 1
+    assert row["prompt_ids"] + row["chosen_ids"] == ids[:trained_end]
+    assert tokenizer.decode(row["chosen_ids"]) == "秋水仙碱。<|im_end|>"
+    assert tokenizer.decode(row["rejected_ids"]) == "阿莫西林。<|im_end|>"
+    assert tokenizer.decode(row["prompt_ids"]).endswith("<|im_start|>assistant\n")
+
+
+# --- stages ---------------------------------------------------------------------------------------------------------
+
+def write_separable_pairs(directory, count: int) -> str:
+    """Pairs a reward model can learn to separate quickly: a fixed good answer against a fixed bad one."""
+    rows = [{"conversations": [{"from": "human", "value": f"病例{i}应该怎么处理？"}],
+             "chosen": "建议尽快就医，遵医嘱规范治疗。", "rejected": "不用管，自己会好的。"} for i in range(count)]
+    directory.mkdir()
+    (directory / "pairs.jsonl").write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n")
+    return str(directory)
+
+
+def test_reward_model_separates_held_out_pairs(tiny_model_dir, tmp_path):
+    train, valid = write_separable_pairs(tmp_path / "train", 64), write_separable_pairs(tmp_path / "valid", 16)
+    metrics = reward_modeling.main(["--model_name_or_path", tiny_model_dir, "--output_dir", str(tmp_path / "rm"),
+                                    "--train_file_dir", train, "--validation_file_dir", valid, *FAST,
+                                    "--max_steps", "24", "--learning_rate", "5e-3", "--lora_rank", "8"])
+    assert metrics["eval_accuracy"] > 0.9 and metrics["eval_margin"] > 0
+    saved = json.loads((tmp_path / "rm" / "adapter_config.json").read_text())
+    assert saved["task_type"] == "SEQ_CLS" and "score" in saved["modules_to_save"]
+
+
+def test_dpo_with_lora_has_no_reference_copy_and_learns(tiny_model_dir, tmp_path, monkeypatch):
+    built = capture(monkeypatch, dpo_training, "TokenizedDPOTrainer")
+    out = tmp_path / "dpo"
+    dpo_training.main(["--model_name_or_path", tiny_model_dir, "--output_dir", str(out), *PAIRS, *FAST,
+                       "--max_steps", "12", "--learning_rate", "5e-3", "--beta", "0.5",
+                       "--precompute_ref_log_probs", "True"])
+    trainer = built[0]
+    assert trainer.ref_model is None and trainer.model.peft_config  # reference = adapter disabled
+    history = losses(out)
+    assert history[0] == pytest.approx(0.6931, abs=1e-3) and sum(history[-3:]) / 3 < 0.6
+
+
+def test_full_dpo_keeps_a_frozen_reference(tiny_model_dir, tmp_path, monkeypatch):
+    built = capture(monkeypatch, dpo_training, "TokenizedDPOTrainer")
+    dpo_training.main(["--model_name_or_path", tiny_model_dir, "--output_dir", str(tmp_path), *PAIRS, *FAST,
+                       "--use_peft", "False", "--max_steps", "2", "--learning_rate", "1e-3",
+                       "--loss_type", "ipo"])
+    trainer = built[0]
+    reference, initial = trainer.ref_model, AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    assert reference is not None and reference is not trainer.model
+    pairs = list(zip(trainer.model.parameters(), reference.parameters(), initial.parameters(), strict=True))
+    assert all(torch.equal(ref, start) for _, ref, start in pairs)  # the reference stayed the starting model
+    assert any(not torch.equal(policy, start) for policy, _, start in pairs)  # while the policy trained
+
+
+def test_orpo_loss_is_answer_nll_plus_log_odds_ratio(tiny_model_dir, tmp_path, monkeypatch):
+    built = capture(monkeypatch, orpo_training, "TokenizedORPOTrainer")
+    orpo_training.main(["--model_name_or_path", tiny_model_dir, "--output_dir", str(tmp_path), *PAIRS, *FAST,
+                        "--max_steps", "1", "--beta", "0.25"])
+    trainer = built[0]
+    rows = [trainer.train_dataset[i] for i in range(2)]
+    batch = trainer.data_collator(rows)
+    model = trainer.model.eval()
+    with torch.no_grad():
+        loss, _ = trainer.get_batch_loss_metrics(model, batch, train_eval="eval")
+        nll_terms, mean_logps = [], {}
+        for side in ("chosen", "rejected"):
+            per_row = []
+            for row in rows:
+                ids = torch.tensor([row[f"{side}_input_ids"]])
+                labels = torch.tensor(row[f"{side}_labels"][1:])
+                logp = F.log_softmax(model(input_ids=ids).logits[0, :-1], dim=-1)
+                token_logps = logp[labels != IGNORE_INDEX].gather(1, labels[labels != IGNORE_INDEX, None])[:, 0]
+                per_row.append(token_logps)
+            mean_logps[side] = torch.stack([t.mean() for t in per_row])
+            if side == "chosen":
+                nll_terms = torch.cat(per_row)
+    log_odds = (mean_logps["chosen"] - mean_logps["rejected"]) - (
+        torch.log1p(-mean_logps["chosen"].exp()) - torch.log1p(-mean_logps["rejected"].exp()))
+    expected = -nll_terms.mean() - 0.25 * F.logsigmoid(log_odds).mean()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-4)
+
+
+@pytest.mark.parametrize("stage, flags", [
+    (cpo_training, ["--loss_type", "simpo", "--cpo_alpha", "0", "--beta", "2.0"]),
+    (kto_training, ["--beta", "0.5"]),
+    (orpo_training, ["--beta", "0.1"]),
+])
+def test_stage_lowers_its_loss(stage, flags, tiny_model_dir, tmp_path):
+    out, train = tmp_path / "out", write_separable_pairs(tmp_path / "train", 64)
+    # Full fine-tuning: LoRA on a randomly initialised model barely moves in a few steps.
+    stage.main(["--model_name_or_path", tiny_model_dir, "--output_dir", str(out), "--train_file_dir", train, *FAST,
+                "--use_peft", "False", "--max_steps", "16", "--learning_rate", "2e-3", *flags])
+    history = losses(out)
+    assert sum(history[-3:]) / 3 < 0.8 * sum(history[:3]) / 3
