@@ -6,7 +6,7 @@ TORCH_VERSION ?= 2.13.0
 export HF_HUB_OFFLINE ?= 1
 export TRL_EXPERIMENTAL_SILENCE ?= 1
 
-.PHONY: install demo test lint default-model clean
+.PHONY: install browser demo test lint default-model clean
 
 # Idempotent: the stamp is rebuilt only when the requirements change.
 install: $(VENV)/.installed
@@ -24,8 +24,12 @@ default-model: install
 demo: install
 	PATH=$(CURDIR)/$(BIN):$$PATH bash run_demo.sh
 
+# The chat demo's browser test drives Debian's headless Chromium (never a downloaded browser).
+browser:
+	test -x /usr/bin/chromium || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium)
+
 # One thread: with two, throughput collapses whenever the other core is busy.
-test: install
+test: install browser
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q tests
 
 lint: install

@@ -1,7 +1,7 @@
 """One generation path, shared by evaluation, inference, the API server and the chat demo."""
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -49,11 +49,13 @@ class _StopOnEvent(StoppingCriteria):
 
 
 def stream_generate(model, tokenizer, prompt: list[int], max_new_tokens: int = 128,
-                    stop: threading.Event | None = None, timeout: float = 120.0, **sampling) -> Iterator[str]:
+                    stop: threading.Event | None = None, timeout: float = 120.0,
+                    stopping_criteria: Sequence[StoppingCriteria] = (), **sampling) -> Iterator[str]:
     """Yield the completion of one tokenised prompt as text pieces while it is generated.
 
-    Setting `stop` ends generation early. An error in the generation thread is re-raised here, and a
-    stalled generation raises queue.Empty after `timeout` seconds, so a consumer never hangs.
+    Setting `stop` ends generation early; extra `stopping_criteria` see every new token too (e.g. to count
+    them). An error in the generation thread is re-raised here, and a stalled generation raises queue.Empty
+    after `timeout` seconds, so a consumer never hangs.
     """
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=timeout)
     stop = stop or threading.Event()
@@ -64,7 +66,7 @@ def stream_generate(model, tokenizer, prompt: list[int], max_new_tokens: int = 1
             with torch.inference_mode():
                 model.generate(**_left_padded([prompt], tokenizer.pad_token_id, model.device), streamer=streamer,
                                max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                               stopping_criteria=StoppingCriteriaList([_StopOnEvent(stop)]),
+                               stopping_criteria=StoppingCriteriaList([_StopOnEvent(stop), *stopping_criteria]),
                                **sampling_kwargs(**sampling))
         except BaseException as error:  # handed to the consumer below
             failure.append(error)

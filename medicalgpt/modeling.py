@@ -1,7 +1,9 @@
 """Tokenizer and model loading shared by every stage: dtype, attention, quantization, RoPE scaling, LoRA."""
 
 import importlib.util
+import json
 import logging
+from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
@@ -21,10 +23,16 @@ def model_path(model_args: ModelArguments) -> str:
     return model_args.model_name_or_path or ensure_default_model()
 
 
-def load_tokenizer(model_args: ModelArguments):
-    """The tokenizer, with a pad token (falls back to EOS) so batches can be padded."""
-    tokenizer = AutoTokenizer.from_pretrained(model_args.tokenizer_name_or_path or model_path(model_args),
-                                              trust_remote_code=model_args.trust_remote_code)
+def load_tokenizer(model_args: ModelArguments, lora_model: str | None = None):
+    """The tokenizer, with a pad token (falls back to EOS) so batches can be padded.
+
+    A LoRA adapter saved by a stage carries the tokenizer and chat template it was trained with: those win
+    over the base model's (an explicit --tokenizer_name_or_path wins over both).
+    """
+    adapter_tokenizer = lora_model if lora_model and Path(lora_model, "tokenizer_config.json").exists() else None
+    tokenizer = AutoTokenizer.from_pretrained(
+        model_args.tokenizer_name_or_path or adapter_tokenizer or model_path(model_args),
+        trust_remote_code=model_args.trust_remote_code)
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
             raise UsageError("the tokenizer has neither a pad nor an EOS token; add one before training")
@@ -151,10 +159,28 @@ def set_stop_tokens(model: PreTrainedModel, tokenizer, stop_words: tuple[str, ..
 
 
 def load_for_inference(model_args: ModelArguments, lora_model: str | None = None) -> PreTrainedModel:
-    """The model in eval mode, with a LoRA adapter applied when one is given."""
+    """The model in eval mode on the current GPU (if any), with a LoRA adapter applied when one is given."""
     model = load_model(model_args)
+    if torch.cuda.is_available() and not getattr(model, "is_quantized", False):
+        model = model.to("cuda")  # bitsandbytes has already placed quantized weights on the current GPU
     if lora_model:
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, lora_model)
     return model.eval()
+
+
+def load_reward_model(path: str, model_args: ModelArguments) -> PreTrainedModel:
+    """A frozen reward model from reward_modeling.py: a merged directory, or a LoRA adapter merged into its base."""
+    from transformers import AutoModelForSequenceClassification
+
+    adapter_config = Path(path) / "adapter_config.json"
+    base = json.loads(adapter_config.read_text())["base_model_name_or_path"] if adapter_config.exists() else path
+    rm_args = ModelArguments(model_name_or_path=base, dtype=model_args.dtype,
+                             trust_remote_code=model_args.trust_remote_code)
+    model = load_model(rm_args, AutoModelForSequenceClassification, num_labels=1)
+    if adapter_config.exists():
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, path).merge_and_unload()
+    return model.eval().requires_grad_(False)

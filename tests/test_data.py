@@ -85,7 +85,7 @@ def test_alpaca_history_input_and_system():
      "messages[1].role: a system turn may only come first"),
     ({"messages": [{"role": "user", "content": 3}]}, "messages[0].content: expected a string, got int"),
     ({"instruction": "q"}, "output: expected a string"),
-    ({"question": "q"}, "unknown record format"),
+    ({"body": "q"}, "unknown record format"),
     ({"text": "doc"}, "text: a text record where a conversation"),
 ])
 def test_bad_conversations_name_the_field(record, message):

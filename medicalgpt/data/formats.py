@@ -19,11 +19,11 @@ OPENAI_ROLES = {"system": "system", "user": "user", "assistant": "assistant", "t
 USER_SIDE = {"user", "observation"}
 ASSISTANT_SIDE = {"assistant", "function_call"}
 FORMAT_KEYS = {"sharegpt": "conversations", "openai": "messages", "prompt": "prompt", "alpaca": "instruction",
-               "text": "text"}
+               "text": "text", "question": "question"}
 
 
 def detect_format(record: object) -> str:
-    """One of sharegpt, openai, alpaca, text, judged by the record's fields."""
+    """One of sharegpt, openai, prompt, alpaca, text, question, judged by the record's fields."""
     if not isinstance(record, dict):
         raise DataError(f"expected a JSON object, got {type(record).__name__}")
     for name, key in FORMAT_KEYS.items():
@@ -238,3 +238,70 @@ def to_prompt(record: object) -> dict:
     if messages[-1]["role"] in ASSISTANT_SIDE:
         messages = messages[:-1]
     return {"messages": messages, "tools": _tools_json(record)}
+
+
+def to_rl_prompts(record: object) -> dict:
+    """Prompts for RL rollouts as {"prompts": [turns ending with a user turn, ...], "answers": [str], "tools": str}.
+
+    A conversation (ShareGPT, OpenAI messages, Alpaca) gives one prompt per assistant turn: the history up to
+    that turn ("" as its answer). A record with a reference "answer" (GRPO's question/answer and multiple-choice
+    files) gives its question and that answer, for answer-checking rewards; {"prompt": ...} and text lines give
+    one prompt.
+    """
+    kind = detect_format(record)
+    if isinstance(record, dict) and "answer" in record:
+        question = to_grpo(record)
+        return {"prompts": [question["prompt"]], "answers": [question["answer"]], "tools": _tools_json(record)}
+    if kind == "text":
+        return {"prompts": [[{"role": "user", "content": _string(record["text"], "text")}]], "answers": [""],
+                "tools": ""}
+    if kind == "prompt":
+        messages, field_name = _prompt_messages(record)
+        validate_turns(messages, field_name, ends_with=USER_SIDE)
+        return {"prompts": [messages], "answers": [""], "tools": _tools_json(record)}
+    conversation = to_conversation(record)
+    messages = conversation["messages"]
+    prompts = [messages[:index] for index, message in enumerate(messages) if message["role"] in ASSISTANT_SIDE]
+    return {"prompts": prompts, "answers": [""] * len(prompts), "tools": conversation["tools"]}
+
+def _question_prompt(record: dict) -> str:
+    """A question, with multiple-choice options ({"A": text, ...}) rendered below it as "A. text" lines."""
+    question = _string(record["question"], "question")
+    options = record.get("options")
+    if options is None:
+        return question
+    if not isinstance(options, dict) or not options:
+        raise DataError("options: expected an object mapping option letters to texts, e.g. {\"A\": \"...\"}")
+    lines = [f"{letter}. {_string(text, f'options.{letter}')}" for letter, text in options.items()]
+    return "\n".join([question, *lines])
+
+
+def _reference_answer(record: dict) -> str:
+    answer = record.get("answer")
+    if isinstance(answer, int | float) and not isinstance(answer, bool):
+        return str(answer)
+    if answer is None or (isinstance(answer, str) and not answer.strip()):
+        raise DataError("answer: missing")
+    return _string(answer, "answer")
+
+
+def to_grpo(record: object, system_prompt: str | None = None) -> dict:
+    """A question with a verifiable answer as {"prompt": [turns ending with a user turn], "answer": str}.
+
+    Accepts {"question", "answer"} (MedicalGPT's GRPO files), multiple choice {"question", "options", "answer"},
+    and a prompt ({"messages"}, {"conversations"}, {"prompt"} or Alpaca {"instruction"}) ending with the user's
+    turn plus "answer". system_prompt opens prompts that bring no system turn of their own.
+    """
+    kind = detect_format(record)
+    if kind == "question":
+        messages, field_name = [{"role": "user", "content": _question_prompt(record)}], "question"
+    elif kind == "openai":
+        messages, field_name = _openai(record), "messages"
+    elif kind == "text":
+        raise DataError("text: pretraining text where a question with an answer was expected")
+    else:
+        messages, field_name = _prompt_messages(record)
+    validate_turns(messages, field_name, ends_with=USER_SIDE)
+    if system_prompt and messages[0]["role"] != "system":
+        messages = [{"role": "system", "content": system_prompt}, *messages]
+    return {"prompt": messages, "answer": _reference_answer(record)}

@@ -83,7 +83,7 @@ def pack_sft_splits(splits: DatasetDict, max_length: int) -> DatasetDict:
     return packed
 
 
-def _prompt_and_response(tokenizer, template, messages: list[dict], tools: list | None,
+def prompt_and_response(tokenizer, template, messages: list[dict], tools: list | None,
                          response: str) -> tuple[list[int], list[int]]:
     """Prompt ids and the answer's trained ids (content + end-of-turn token), from the template's own labels."""
     ids, labels = template.encode(tokenizer, messages + [{"role": "assistant", "content": response}], tools)
@@ -97,7 +97,7 @@ def _prompt_and_response(tokenizer, template, messages: list[dict], tools: list 
 def _encode_responses(example: dict, tokenizer, template, responses: list[str]) -> tuple[list[int], list[list[int]]]:
     """The shared prompt ids and each response's ids."""
     tools = json.loads(example["tools"]) if example["tools"] else None
-    encoded = [_prompt_and_response(tokenizer, template, example["messages"], tools, r) for r in responses]
+    encoded = [prompt_and_response(tokenizer, template, example["messages"], tools, r) for r in responses]
     prompt = encoded[0][0]
     if any(other != prompt for other, _ in encoded[1:]):
         raise DataError("the chat template renders this prompt differently before different answers")

@@ -1,0 +1,113 @@
+"""The OpenAI chat-completions wire format: the request schema, error bodies, response chunks and stop strings."""
+
+import json
+import time
+import uuid
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, Field
+
+from medicalgpt.serving import message_text
+
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    role: Literal["system", "user", "assistant"]
+    content: str | list[TextPart] | None = None
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class ChatCompletionRequest(BaseModel):
+    """The fields this server honours; other OpenAI fields (user, seed, penalties, ...) are accepted and ignored."""
+
+    model: str
+    messages: list[ChatMessage] = Field(min_length=1)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)  # the newer name of max_tokens
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    n: int = 1
+    stop: str | Annotated[list[str], Field(max_length=4)] | None = None
+
+    def conversation(self) -> list[dict]:
+        """The messages as the chat templates take them: role and plain-text content."""
+        return [{"role": m["role"], "content": message_text(m["content"])} for m in self.model_dump()["messages"]]
+
+    def stop_strings(self) -> list[str]:
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+
+class ApiError(Exception):
+    """An error answered as OpenAI does: an HTTP status and {"error": {message, type, param, code}}."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None):
+        super().__init__(message)
+        self.status = status
+        self.body = error_body(message, type, param, code)
+
+
+def error_body(message: str, type: str, param: str | None = None, code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+class StopStrings:
+    """Cuts streamed text at the first stop string, holding back only the tail that could begin one."""
+
+    def __init__(self, stops: list[str]):
+        self.stops = [s for s in stops if s]
+        self.held = ""
+        self.hit = False
+
+    def feed(self, piece: str) -> str:
+        """The text that is now safe to send; sets `hit` (and drops the rest) once a stop string appears."""
+        self.held += piece
+        cuts = [i for i in (self.held.find(s) for s in self.stops) if i >= 0]
+        if cuts:
+            self.hit = True
+            text, self.held = self.held[:min(cuts)], ""
+            return text
+        keep = max((k for s in self.stops for k in range(1, len(s)) if self.held.endswith(s[:k])), default=0)
+        split = len(self.held) - keep
+        text, self.held = self.held[:split], self.held[split:]
+        return text
+
+    def flush(self) -> str:
+        """What was held back, once the generation has ended without a stop string."""
+        text, self.held = self.held, ""
+        return text
+
+
+class ChunkWriter:
+    """Server-sent events of one streamed completion, each `data: {json}` and a blank line."""
+
+    def __init__(self, model: str):
+        self.base = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion.chunk",
+                     "created": int(time.time()), "model": model}
+
+    def choice(self, delta: dict, finish_reason: str | None = None) -> str:
+        return sse({**self.base, "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}]})
+
+    def usage(self, usage: dict) -> str:
+        return sse({**self.base, "choices": [], "usage": usage})
+
+
+def sse(data: dict | str) -> str:
+    return f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+def completion_body(model: str, text: str, finish_reason: str, usage: dict) -> dict:
+    """A non-streamed chat.completion response."""
+    return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
+            "model": model, "usage": usage,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                         "finish_reason": finish_reason}]}

@@ -1,0 +1,74 @@
+"""What the API server and the chat demo share: model flags, one chat model served one request at a time,
+and message text that may arrive as a string or as a list of content parts."""
+
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import jinja2
+
+from medicalgpt.args import ModelArguments
+from medicalgpt.errors import UsageError
+from medicalgpt.generation import stream_generate
+from medicalgpt.modeling import load_for_inference, load_tokenizer, set_stop_tokens
+from medicalgpt.templates import resolve_template
+
+
+@dataclass
+class BaseModelArguments(ModelArguments):
+    """ModelArguments whose model flag is also spelled --base_model, as serving scripts traditionally do."""
+
+    model_name_or_path: str | None = field(default=None, metadata={"aliases": ["--base_model"], "help": (
+        "The base model (or a merged model): hub name or local path. Default: the embedded default model.")})
+
+
+@dataclass
+class ServeArguments:
+    lora_model: str | None = field(default=None, metadata={"help": "A LoRA adapter to apply to the base model."})
+    template_name: str | None = field(default=None, metadata={"help": "Chat template; default: the tokenizer's."})
+    max_new_tokens: int = field(default=512, metadata={
+        "help": "Completion length when a request does not say (API max_tokens; the demo's slider start)."})
+
+
+@dataclass
+class ChatModel:
+    """A model with its tokenizer and chat template; generation is serialised by `lock`."""
+
+    model: Any
+    tokenizer: Any
+    template: Any
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def encode(self, messages: list[dict]) -> list[int]:
+        """Prompt ids of a conversation ending in a user turn, with the assistant generation prompt."""
+        try:
+            return self.template.encode_prompt(self.tokenizer, messages)
+        except jinja2.TemplateError as error:  # a tokenizer's own template may refuse e.g. a system turn
+            raise UsageError(f"the chat template rejects this conversation: {error}") from error
+
+    def stream(self, prompt: list[int], max_new_tokens: int, stop: threading.Event | None = None,
+               **kwargs) -> Iterator[str]:
+        """stream_generate's text pieces. The lock is held from the first piece until the stream ends or is
+        closed: concurrent requests queue instead of running generate() on one model at once."""
+        with self.lock:
+            yield from stream_generate(self.model, self.tokenizer, prompt, max_new_tokens, stop=stop, **kwargs)
+
+
+def load_chat_model(model_args: ModelArguments, serve_args: ServeArguments) -> ChatModel:
+    """Tokenizer and template first (fast failures), then the model with the template's stop tokens."""
+    tokenizer = load_tokenizer(model_args, serve_args.lora_model)
+    template = resolve_template(tokenizer, serve_args.template_name)
+    model = load_for_inference(model_args, serve_args.lora_model)
+    set_stop_tokens(model, tokenizer, template.stop_words)
+    return ChatModel(model, tokenizer, template)
+
+
+def message_text(content: Any) -> str:
+    """A message's text: a string (gradio_client, most API clients) or a list of content parts such as
+    [{"type": "text", "text": ...}] (browsers, newer API clients); other parts (files) carry no text."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(part["text"] for part in content if isinstance(part, dict) and part.get("type") == "text")
+    return ""

@@ -1,0 +1,264 @@
+"""An OpenAI-compatible chat API for a trained model: GET /v1/models and POST /v1/chat/completions.
+
+    python openai_api.py --base_model outputs-merged --port 8000 --api_key sk-local
+    python openai_api.py --base_model Qwen/Qwen2.5-0.5B-Instruct --lora_model outputs-sft
+    curl http://127.0.0.1:8000/v1/chat/completions -H "Authorization: Bearer sk-local" \
+        -H "Content-Type: application/json" \
+        -d '{"model": "medicalgpt", "messages": [{"role": "user", "content": "高血压用什么药？"}]}'
+
+Any OpenAI client works (base_url=http://127.0.0.1:8000/v1). One model serves one request at a time;
+the others queue. --backend vllm hands the same flags to vLLM's own OpenAI server (CUDA GPU only).
+"""
+
+import importlib.util
+import logging
+import os
+import secrets
+import sys
+import threading
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+
+import anyio
+import torch
+import uvicorn
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+from transformers import StoppingCriteria
+
+from medicalgpt.args import ModelArguments, parse_args
+from medicalgpt.errors import UsageError, run_cli
+from medicalgpt.modeling import model_path
+from medicalgpt.openai_protocol import (
+    ApiError,
+    ChatCompletionRequest,
+    ChunkWriter,
+    StopStrings,
+    completion_body,
+    error_body,
+    sse,
+)
+from medicalgpt.serving import BaseModelArguments, ChatModel, ServeArguments, load_chat_model
+from medicalgpt.templates import CHAT_TEMPLATE_DIR, get_template
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ApiArguments:
+    host: str = field(default="127.0.0.1", metadata={
+        "help": "Interface to listen on; 0.0.0.0 exposes the server to the network (set --api_key then)."})
+    port: int = field(default=8000, metadata={"help": "TCP port."})
+    api_key: str | None = field(default=None, metadata={
+        "help": "Require `Authorization: Bearer <key>`. Default: $MEDICALGPT_API_KEY; neither = no key needed."})
+    model_name: str = field(default="medicalgpt", metadata={"help": "The model id clients ask for."})
+    backend: str = field(default="transformers", metadata={
+        "help": "vllm: exec vLLM's OpenAI server with these flags (needs vllm and a CUDA GPU).",
+        "choices": ["transformers", "vllm"]})
+
+
+class TokenCounter(StoppingCriteria):
+    """Counts the generated tokens (usage) and remembers the last one (finish_reason); never stops anything."""
+
+    def __init__(self, prompt_length: int):
+        self.prompt_length = prompt_length
+        self.generated = 0
+        self.last_token: int | None = None
+
+    def __call__(self, input_ids, scores, **kwargs) -> bool:
+        self.generated = input_ids.shape[1] - self.prompt_length
+        self.last_token = int(input_ids[0, -1])
+        return False
+
+
+class Completion:
+    """One request's generation: its text cut at the stop strings, its token usage and finish reason."""
+
+    def __init__(self, chat: ChatModel, request: ChatCompletionRequest, max_new_tokens: int):
+        self.chat, self.request = chat, request
+        self.prompt = chat.encode(request.conversation())
+        self.max_new_tokens = request.max_completion_tokens or request.max_tokens or max_new_tokens
+        self.stop = threading.Event()  # set when the client goes away
+        self.counter = TokenCounter(len(self.prompt))
+        self.stop_strings = StopStrings(request.stop_strings())
+
+    def pieces(self) -> Iterator[str]:
+        """The completion's text, piece by piece; generation errors propagate."""
+        stream = self.chat.stream(self.prompt, self.max_new_tokens, stop=self.stop, stopping_criteria=[self.counter],
+                                  temperature=self.request.temperature, top_p=self.request.top_p)
+        try:
+            for piece in stream:
+                if text := self.stop_strings.feed(piece):
+                    yield text
+                if self.stop_strings.hit:
+                    return
+            if tail := self.stop_strings.flush():
+                yield tail
+        finally:
+            stream.close()  # ends the generation thread and frees the model for the next request
+
+    @property
+    def finish_reason(self) -> str:
+        eos = self.chat.model.generation_config.eos_token_id or []
+        ran_out = self.counter.generated >= self.max_new_tokens and self.counter.last_token not in eos
+        return "length" if ran_out and not self.stop_strings.hit else "stop"
+
+    def usage(self) -> dict:
+        return {"prompt_tokens": len(self.prompt), "completion_tokens": self.counter.generated,
+                "total_tokens": len(self.prompt) + self.counter.generated}
+
+    def events(self, writer: ChunkWriter) -> Iterator[str]:
+        """The server-sent events; a generation error becomes an error event, and [DONE] always ends them."""
+        yield writer.choice({"role": "assistant", "content": ""})
+        try:
+            for text in self.pieces():
+                yield writer.choice({"content": text})
+            yield writer.choice({}, self.finish_reason)
+            if self.request.stream_options and self.request.stream_options.include_usage:
+                yield writer.usage(self.usage())
+        except Exception as error:  # the status line is long gone: tell the client in the stream
+            logger.exception("generation failed")
+            yield sse(error_body(failure_message(error), "server_error"))
+        yield sse("[DONE]")
+
+
+def failure_message(error: Exception) -> str:
+    return f"Generation failed: {type(error).__name__}: {error}"  # queue.Empty (a stalled generation) has no text
+
+
+async def stream_events(completion: Completion, writer: ChunkWriter, turn: anyio.Lock) -> AsyncIterator[str]:
+    """Completion.events once it is this request's turn, each step in a worker thread."""
+    events = completion.events(writer)
+    async with turn:
+        try:
+            while (event := await run_in_threadpool(next, events, None)) is not None:
+                yield event
+        finally:
+            # Also reached when the client disconnects (Starlette cancels this task): stop generating now and
+            # free the model. Shielded, because in a cancelled task every await would be cancelled again.
+            completion.stop.set()
+            with anyio.CancelScope(shield=True):
+                await run_in_threadpool(events.close)
+
+
+def require_api_key(api_key: str | None):
+    """A dependency that checks `Authorization: Bearer <api_key>` (no check without a key)."""
+
+    def check(request: Request) -> None:
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if api_key and not (scheme.lower() == "bearer" and secrets.compare_digest(token.encode(), api_key.encode())):
+            raise ApiError(401, "Invalid or missing API key: send `Authorization: Bearer <key>`.",
+                           code="invalid_api_key")
+
+    return check
+
+
+def add_error_handlers(app: FastAPI) -> None:
+    """Every error as OpenAI shapes it: {"error": {"message", "type", "param", "code"}}."""
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, error: ApiError) -> JSONResponse:
+        return JSONResponse(error.body, status_code=error.status)
+
+    @app.exception_handler(UsageError)  # e.g. a conversation the chat template cannot end with
+    async def usage_error(request: Request, error: UsageError) -> JSONResponse:
+        return JSONResponse(error_body(str(error), "invalid_request_error"), status_code=400)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
+        first = error.errors()[0]
+        if first["type"] == "json_invalid" or tuple(first["loc"]) == ("body",):
+            message = "The body must be a JSON object, sent with Content-Type: application/json"
+            return JSONResponse(error_body(message, "invalid_request_error"), status_code=400)
+        # Every problem in the message (a union field reports one per alternative); the top-level field as param.
+        message = "; ".join(f"{'.'.join(map(str, e['loc'][1:]))}: {e['msg']}" for e in error.errors())
+        return JSONResponse(error_body(message, "invalid_request_error", str(first["loc"][1])), status_code=422)
+
+    @app.exception_handler(HTTPException)  # unknown paths, wrong methods
+    async def http_error(request: Request, error: HTTPException) -> JSONResponse:
+        return JSONResponse(error_body(str(error.detail), "invalid_request_error"), status_code=error.status_code,
+                            headers=error.headers)
+
+
+def create_app(chat: ChatModel, model_name: str = "medicalgpt", api_key: str | None = None,
+               max_new_tokens: int = 512) -> FastAPI:
+    """The API around one chat model.
+
+    Requests wait for their `turn` in the event loop, not in worker threads: queued requests then cannot fill
+    the thread pool that the running generation needs to make progress.
+    """
+    app = FastAPI(title="MedicalGPT", dependencies=[Depends(require_api_key(api_key))])
+    add_error_handlers(app)
+    turn = anyio.Lock()
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        return {"object": "list",
+                "data": [{"id": model_name, "object": "model", "created": 0, "owned_by": "medicalgpt"}]}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: ChatCompletionRequest):
+        if request.model != model_name:
+            raise ApiError(404, f"The model '{request.model}' does not exist; this server serves '{model_name}'.",
+                           param="model", code="model_not_found")
+        if request.n != 1:
+            raise ApiError(400, "Only n=1 is supported.", param="n")
+        completion = Completion(chat, request, max_new_tokens)
+        if request.stream:
+            return StreamingResponse(stream_events(completion, ChunkWriter(model_name), turn),
+                                     media_type="text/event-stream")
+        async with turn:
+            try:
+                text = await run_in_threadpool(lambda: "".join(completion.pieces()))
+            except Exception as error:
+                raise ApiError(500, failure_message(error), "server_error") from error
+        return completion_body(model_name, text, completion.finish_reason, completion.usage())
+
+    return app
+
+
+def check_vllm() -> None:
+    """--backend vllm needs both the package and a CUDA GPU; say which is missing and what to do instead."""
+    missing = [need for need, present in (("the vllm package", importlib.util.find_spec("vllm") is not None),
+                                          ("a CUDA GPU", torch.cuda.is_available())) if not present]
+    if missing:
+        raise UsageError(f"--backend vllm needs {' and '.join(missing)}: use --backend transformers, "
+                         "or run vllm_deployment.sh on a GPU machine")
+
+
+def vllm_command(model_args: ModelArguments, serve_args: ServeArguments, api_args: ApiArguments) -> list[str]:
+    """vLLM's own OpenAI server with our flags; a LoRA adapter is served under --model_name."""
+    if model_args.load_in_4bit or model_args.load_in_8bit:
+        raise UsageError("--backend vllm: pass vLLM's own --quantization through vllm_deployment.sh instead")
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_path(model_args),
+           "--host", api_args.host, "--port", str(api_args.port), "--dtype", model_args.dtype]
+    if model_args.trust_remote_code:
+        cmd.append("--trust-remote-code")
+    if serve_args.template_name:
+        cmd += ["--chat-template", str(CHAT_TEMPLATE_DIR / f"{get_template(serve_args.template_name).name}.jinja")]
+    if serve_args.lora_model:
+        return cmd + ["--served-model-name", f"{api_args.model_name}-base", "--enable-lora",
+                      "--lora-modules", f"{api_args.model_name}={serve_args.lora_model}"]
+    return cmd + ["--served-model-name", api_args.model_name]
+
+
+def main(argv: list[str] | None = None) -> None:
+    model_args, serve_args, api_args = parse_args((BaseModelArguments, ServeArguments, ApiArguments), argv)
+    api_key = api_args.api_key or os.environ.get("MEDICALGPT_API_KEY") or None
+    if api_args.backend == "vllm":
+        check_vllm()
+        cmd = vllm_command(model_args, serve_args, api_args)
+        os.execvpe(cmd[0], cmd, {**os.environ, "VLLM_API_KEY": api_key} if api_key else dict(os.environ))
+    chat = load_chat_model(model_args, serve_args)
+    if api_args.host not in ("127.0.0.1", "localhost", "::1") and not api_key:
+        logger.warning("Serving on %s without an API key: anyone who can reach it can use it", api_args.host)
+    uvicorn.run(create_app(chat, api_args.model_name, api_key, serve_args.max_new_tokens),
+                host=api_args.host, port=api_args.port)
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO)
+    run_cli(main)

@@ -1,0 +1,234 @@
+"""inference.py's three modes, merged adapters, and data-parallel inference, each checked against an independent
+path: prompts rendered by the chatml template directly and generated greedily one at a time."""
+
+import copy
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+import inference
+import merge_peft_adapter
+from benchmarks import generation as generation_benchmark
+from medicalgpt import serving
+from medicalgpt.errors import DataError, UsageError, run_cli
+from medicalgpt.generation import generate
+from medicalgpt.templates import get_template
+
+REPO = Path(__file__).resolve().parents[1]
+GREEDY = ["--temperature", "0", "--max_new_tokens", "8"]
+QUESTIONS = ["高血压用什么药？", "What is the dose of metformin for adults?", "Hi", "咳嗽怎么办？",
+             "How is asthma diagnosed?", "痛风的关键检查是什么？"]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tiny_model_dir, tokenizer, tmp_path_factory) -> str:
+    """The tiny model with larger random weights: its greedy answers differ from prompt to prompt (the tiny
+    model's own small initialisation answers every prompt with blank lines, which no check could tell apart)."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() == 2:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.3)
+    out = tmp_path_factory.mktemp("chatty")
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def model(model_dir):
+    return AutoModelForCausalLM.from_pretrained(model_dir).eval()
+
+
+def user(text: str) -> dict:
+    return {"role": "user", "content": text}
+
+
+def one_by_one(model, tokenizer, conversations: list[list[dict]]) -> list[str]:
+    """Greedy answers, each prompt alone, rendered by the chatml template (the tiny tokenizer's own)."""
+    template = get_template("chatml")
+    return [generate(model, tokenizer, [template.encode_prompt(tokenizer, messages)], max_new_tokens=8)[0]
+            for messages in conversations]
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def test_prompt_mode_prints_the_answer_with_the_system_prompt(model_dir, model, tokenizer, capsys):
+    inference.main(["--base_model", model_dir, "--prompt", QUESTIONS[0], "--system_prompt", "Be brief.",
+                    *GREEDY])
+    with_system, without = one_by_one(model, tokenizer, [
+        [{"role": "system", "content": "Be brief."}, user(QUESTIONS[0])], [user(QUESTIONS[0])]])
+    assert with_system and with_system != without  # the check below can tell whether the system prompt was used
+    assert capsys.readouterr().out.strip() == with_system
+
+
+def test_txt_data_file_is_answered_in_input_order(model_dir, model, tokenizer, tmp_path):
+    data = tmp_path / "questions.txt"
+    data.write_text("\n".join(QUESTIONS[:3]) + "\n\n", encoding="utf-8")  # blank lines are skipped
+    out = tmp_path / "answers.jsonl"
+    inference.main(["--base_model", model_dir, "--data_file", str(data), "--output_file", str(out),
+                    "--batch_size", "2", *GREEDY])
+    expected = one_by_one(model, tokenizer, [[user(q)] for q in QUESTIONS[:3]])
+    assert len(set(expected)) == 3
+    assert read_jsonl(out) == [{"prompt": q, "response": r} for q, r in zip(QUESTIONS, expected)]
+
+
+def test_jsonl_records_are_answered_at_their_last_user_turn(model_dir, model, tokenizer, tmp_path):
+    system = {"role": "system", "content": "You are a doctor."}
+    records = [
+        {"messages": [system, user("Hi"), {"role": "assistant", "content": "Hello."}, user(QUESTIONS[1])]},
+        {"conversations": [{"from": "human", "value": QUESTIONS[0]}, {"from": "gpt", "value": "氨氯地平。"},
+                           {"from": "human", "value": QUESTIONS[3]}, {"from": "gpt", "value": "reference answer"}]},
+        {"instruction": QUESTIONS[5], "history": [[QUESTIONS[4], "Spirometry."]]},
+    ]
+    histories = [records[0]["messages"],
+                 [user(QUESTIONS[0]), {"role": "assistant", "content": "氨氯地平。"}, user(QUESTIONS[3])],
+                 [user(QUESTIONS[4]), {"role": "assistant", "content": "Spirometry."}, user(QUESTIONS[5])]]
+    # One format per file: OpenAI messages and ShareGPT as JSON lines, Alpaca as a JSON array.
+    files = [write(tmp_path / name, text) for name, text in [
+        ("openai.jsonl", json.dumps(records[0]) + "\n"), ("sharegpt.jsonl", json.dumps(records[1]) + "\n"),
+        ("alpaca.json", json.dumps(records[2:]))]]
+    out = tmp_path / "answers.jsonl"
+    inference.main(["--base_model", model_dir, "--data_file", ",".join(files), "--output_file", str(out),
+                    "--batch_size", "3", "--system_prompt", "Be brief.", *GREEDY])
+    brief = {"role": "system", "content": "Be brief."}  # only where a record has no system turn of its own
+    expected = one_by_one(model, tokenizer, [histories[0], [brief, *histories[1]], [brief, *histories[2]]])
+    assert read_jsonl(out) == [{"messages": h, "response": r} for h, r in zip(histories, expected)]
+
+
+class RecordingTemplate:
+    """The chatml template, keeping a copy of every conversation it renders into a prompt."""
+
+    def __init__(self):
+        self.template, self.conversations = get_template("chatml"), []
+        self.stop_words = self.template.stop_words
+
+    def encode_prompt(self, tokenizer, messages, tools=None):
+        self.conversations.append(copy.deepcopy(messages))
+        return self.template.encode_prompt(tokenizer, messages, tools)
+
+
+def chat(model_dir, monkeypatch, stdin: str) -> RecordingTemplate:
+    recorder = RecordingTemplate()
+    monkeypatch.setattr(serving, "resolve_template", lambda tokenizer, name: recorder)
+    monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
+    inference.main(["--base_model", model_dir, "--interactive", *GREEDY])
+    return recorder
+
+
+def test_interactive_chat_keeps_history_clears_and_exits(model_dir, model, tokenizer, monkeypatch, capsys):
+    recorder = chat(model_dir, monkeypatch, f"{QUESTIONS[0]}\n{QUESTIONS[1]}\nclear\n{QUESTIONS[2]}\nexit\nHi\n")
+    first = one_by_one(model, tokenizer, [[user(QUESTIONS[0])]])[0]
+    assistant = {"role": "assistant", "content": first}
+    assert recorder.conversations == [[user(QUESTIONS[0])], [user(QUESTIONS[0]), assistant, user(QUESTIONS[1])],
+                                      [user(QUESTIONS[2])]]  # nothing after exit
+    assert f"Assistant: {first}\n" in capsys.readouterr().out  # streamed as generated
+    assert chat(model_dir, monkeypatch, "Hi\n").conversations == [[user("Hi")]]  # end of input quits
+
+
+def write(path: Path, text: str) -> str:
+    path.write_text(text, encoding="utf-8")
+    return str(path)
+
+
+def test_bad_usage_fails_in_one_line(tmp_path, capsys):
+    empty, out = write(tmp_path / "empty.txt", "\n"), str(tmp_path / "out.jsonl")
+    cases = [([], "pass exactly one of --prompt, --data_file or --interactive$"),
+             (["--prompt", "Hi", "--interactive"], "got --prompt and --interactive"),
+             (["--data_file", empty], "--data_file needs --output_file"),
+             (["--data_file", empty, "--output_file", out], "no prompts in it")]
+    for argv, message in cases:
+        with pytest.raises(UsageError, match=message):
+            inference.main(argv)
+    bad = write(tmp_path / "bad.jsonl", '{"messages": [{"role": "user", "content": "q"}]}\n{"messages": []}\n')
+    with pytest.raises(DataError, match=f"{bad}:2: messages: expected a non-empty list"):
+        inference.main(["--data_file", bad, "--output_file", out])
+    with pytest.raises(SystemExit):
+        run_cli(lambda: inference.main([]))
+    assert capsys.readouterr().err == "error: pass exactly one of --prompt, --data_file or --interactive\n"
+
+
+def randomized_lora(model, task_type: str, target_modules: list[str]):
+    """A LoRA adapter whose B matrices (and trained-in-full heads) are non-zero, so it changes the outputs."""
+    from peft import LoraConfig, get_peft_model
+
+    peft_model = get_peft_model(model, LoraConfig(task_type=task_type, r=4, lora_alpha=8,
+                                                  target_modules=target_modules))
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name or "modules_to_save" in name:
+                param.add_(torch.randn(param.shape, generator=generator) * 0.1)
+    return peft_model.eval()
+
+
+def logits(model, tokenizer) -> torch.Tensor:
+    batch = tokenizer(["高血压用什么药？", "How is asthma diagnosed in adults?"], return_tensors="pt", padding=True)
+    with torch.inference_mode():
+        return model(**batch).logits
+
+
+def test_merged_causal_lm_matches_the_adapter(model_dir, tokenizer, tmp_path, capsys):
+    base = AutoModelForCausalLM.from_pretrained(model_dir)
+    adapter = randomized_lora(base, "CAUSAL_LM", ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"])
+    adapter.save_pretrained(tmp_path / "adapter")
+    tokenizer.save_pretrained(tmp_path / "adapter")  # as the SFT stage saves it
+    expected = logits(adapter, tokenizer)
+    with adapter.disable_adapter():
+        assert (logits(adapter, tokenizer) - expected).abs().max() > 1e-2  # the adapter matters
+    merged_dir = merge_peft_adapter.main(["--base_model", model_dir, "--lora_model", str(tmp_path / "adapter"),
+                                          "--output_dir", str(tmp_path / "merged"), "--model_type", "causal_lm"])
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir)
+    assert (logits(merged, tokenizer) - expected).abs().max() < 1e-4
+    assert {"chat_template.jinja", "generation_config.json"} <= {p.name for p in Path(merged_dir).iterdir()}
+    capsys.readouterr()
+    for model_flags in (["--base_model", merged_dir], ["--base_model", model_dir, "--lora_model",
+                                                       str(tmp_path / "adapter")]):
+        inference.main([*model_flags, "--prompt", QUESTIONS[1], *GREEDY])
+    merged_answer, adapter_answer = capsys.readouterr().out.splitlines()[-2:]
+    assert merged_answer == adapter_answer
+
+
+def test_merged_reward_model_matches_the_adapter(model_dir, tokenizer, tmp_path):
+    base = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=1)
+    adapter = randomized_lora(base, "SEQ_CLS", ["q_proj", "v_proj"])  # SEQ_CLS saves `score` in full
+    adapter.save_pretrained(tmp_path / "adapter")
+    expected = logits(adapter, tokenizer)
+    # model_type detected from the adapter's task_type
+    merged_dir = merge_peft_adapter.main(["--base_model", model_dir, "--lora_model", str(tmp_path / "adapter"),
+                                          "--output_dir", str(tmp_path / "merged")])
+    merged = AutoModelForSequenceClassification.from_pretrained(merged_dir)
+    assert merged.config.num_labels == 1 and expected.shape == (2, 1)
+    assert (logits(merged, tokenizer) - expected).abs().max() < 1e-4
+
+
+def test_torchrun_two_processes_match_one(model_dir, tmp_path):
+    data = write(tmp_path / "questions.txt", "\n".join(QUESTIONS) + "\n")
+    flags = ["--base_model", model_dir, "--data_file", data, "--batch_size", "2", *GREEDY]
+    inference.main([*flags, "--output_file", str(tmp_path / "single.jsonl")])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "inference_multigpu.py", *flags, "--output_file", str(tmp_path / "multi.jsonl")],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-3000:]
+    single = read_jsonl(tmp_path / "single.jsonl")
+    assert len({row["response"] for row in single}) > 1  # a misordered gather would show
+    assert read_jsonl(tmp_path / "multi.jsonl") == single
+
+
+def test_generation_benchmark_quick_run(tiny_model_dir, tmp_path):
+    result = generation_benchmark.main(["--quick", "--model_name_or_path", tiny_model_dir,
+                                        "--output_file", str(tmp_path / "generation.json")])
+    assert [row["batch_size"] for row in result["rows"]] == [1, 4]
+    assert all(row["tokens"] == 16 and row["tokens_per_s"] > 0 for row in result["rows"])
+    assert json.loads((tmp_path / "generation.json").read_text())["rows"] == result["rows"]

@@ -1,0 +1,123 @@
+"""PPO: the math against hand-computed values, and short runs that learn, resume exactly and refuse mix-ups."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import ppo_training as ppo
+
+# --- math on fixed tensors -------------------------------------------------------------------------------------------
+
+
+def test_gae_matches_a_hand_computation():
+    rewards = torch.tensor([[0.0, 0.5, 1.0, 9.0]])
+    values = torch.tensor([[0.2, 0.4, 0.6, 9.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])  # the last position is past the response end
+    gamma, lam = 0.9, 0.8
+    # Backwards by hand: delta_t = r_t + gamma * V_{t+1} - V_t, A_t = delta_t + gamma * lam * A_{t+1}; V after end = 0.
+    delta2 = 1.0 + 0.9 * 0.0 - 0.6
+    delta1 = 0.5 + 0.9 * 0.6 - 0.4
+    delta0 = 0.0 + 0.9 * 0.4 - 0.2
+    a2 = delta2
+    a1 = delta1 + 0.72 * a2
+    a0 = delta0 + 0.72 * a1
+    advantages, returns = ppo.compute_gae(rewards, values, mask, gamma, lam)
+    torch.testing.assert_close(advantages, torch.tensor([[a0, a1, a2, 0.0]]))
+    torch.testing.assert_close(returns, torch.tensor([[a0 + 0.2, a1 + 0.4, a2 + 0.6, 0.0]]))
+
+
+def test_clipped_policy_loss_by_hand():
+    old = torch.zeros(1, 3)
+    new = torch.log(torch.tensor([[1.5, 0.5, 1.1]]))  # ratios 1.5, 0.5, 1.1
+    advantages = torch.tensor([[1.0, 1.0, -2.0]])
+    mask = torch.ones(1, 3)
+    loss, clipfrac = ppo.policy_loss(new, old, advantages, mask, cliprange=0.2)
+    # per token: max(-A*r, -A*clip(r)): A=1,r=1.5 -> max(-1.5,-1.2) = -1.2 (clipped); A=1,r=0.5 -> max(-0.5,-0.8)
+    # = -0.5; A=-2,r=1.1 -> max(2.2, 2.2) = 2.2
+    assert loss.item() == pytest.approx((-1.2 - 0.5 + 2.2) / 3)
+    assert clipfrac.item() == pytest.approx(1 / 3)
+
+
+def test_clipped_value_loss_by_hand():
+    values, old_values = torch.tensor([[1.0, 0.0]]), torch.tensor([[0.5, 0.0]])
+    returns, mask = torch.tensor([[2.0, 1.0]]), torch.tensor([[1.0, 0.0]])
+    # token 0: unclipped (1-2)^2 = 1; clipped 0.5+0.2 = 0.7 -> (0.7-2)^2 = 1.69; max = 1.69; token 1 masked out
+    assert ppo.value_loss(values, old_values, returns, mask, 0.2).item() == pytest.approx(0.5 * 1.69)
+
+
+def test_rewards_put_the_score_on_the_last_response_token():
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
+    logprobs, ref = torch.tensor([[-1.0, -1.0, -5.0], [-1.0] * 3]), torch.tensor([[-1.5, -1.0, 0.0], [-1.0] * 3])
+    rewards, kl = ppo.per_token_rewards(torch.tensor([2.0, -1.0]), logprobs, ref, mask, kl_coef=0.1)
+    torch.testing.assert_close(rewards, torch.tensor([[-0.05, 2.0, 0.0], [0.0, 0.0, -1.0]]))
+    torch.testing.assert_close(kl.sum(1), torch.tensor([0.5, 0.0]))
+
+
+def test_adaptive_kl_moves_towards_the_target():
+    control = ppo.AdaptiveKLController(0.1, target=6.0, horizon=100)
+    control.update(current_kl=12.0, n_rollouts=10)  # error clipped to +0.2
+    assert control.value == pytest.approx(0.1 * (1 + 0.2 * 0.1))
+    control.update(current_kl=0.0, n_rollouts=10)
+    assert control.value < 0.1 * 1.02
+
+
+# --- runs on the tiny model ------------------------------------------------------------------------------------------
+
+def han_share(completions, **kwargs) -> list[float]:
+    """Toy reward the tiny model can learn fast: the share of Chinese characters in the answer."""
+    texts = [c[0]["content"] for c in completions]
+    return [sum("\u4e00" <= ch <= "\u9fff" for ch in t) / max(len(t), 1) for t in texts]
+
+
+def run_ppo(model_dir: str, output_dir, *flags: str) -> dict:
+    return ppo.main(["--model_name_or_path", model_dir, "--train_file_dir", "data/sft/validation",
+                     "--output_dir", str(output_dir), "--reward_funcs", "tests.test_ppo:han_share",
+                     "--batch_size", "8", "--mini_batch_size", "4", "--max_new_tokens", "8",
+                     "--missing_eos_penalty", "0", "--report_to", "none", *flags])
+
+
+def test_ppo_raises_the_reward_on_a_learnable_task(tiny_model_dir, tmp_path):
+    history = run_ppo(tiny_model_dir, tmp_path, "--use_peft", "False", "--learning_rate", "3e-3",
+                      "--max_steps", "24", "--kl_coef", "0.01")["history"]
+    rewards = [h["reward"] for h in history]
+    assert sum(rewards[-4:]) / 4 > 1.3 * sum(rewards[:4]) / 4
+    assert {"kl", "entropy", "clipfrac", "value_loss", "approx_kl"} <= set(history[-1])
+    assert (tmp_path / "loss.png").exists() and (tmp_path / "model.safetensors").exists()
+
+
+def test_resumed_run_equals_an_uninterrupted_one(tiny_model_dir, tmp_path):
+    flags = ["--learning_rate", "1e-3", "--save_steps", "2", "--lora_rank", "4"]
+    run_ppo(tiny_model_dir, tmp_path / "straight", *flags, "--max_steps", "4")
+    run_ppo(tiny_model_dir, tmp_path / "resumed", *flags, "--max_steps", "2")
+    run_ppo(tiny_model_dir, tmp_path / "resumed", *flags, "--max_steps", "4", "--resume_from_checkpoint", "auto")
+    straight = load_file(tmp_path / "straight" / "adapter_model.safetensors")
+    resumed = load_file(tmp_path / "resumed" / "adapter_model.safetensors")
+    assert straight.keys() == resumed.keys()
+    for name in straight:
+        torch.testing.assert_close(resumed[name], straight[name], atol=1e-6, rtol=0)
+    logs = [json.loads(line) for line in (tmp_path / "resumed" / "ppo_log.jsonl").read_text().splitlines()]
+    assert [entry["step"] for entry in logs] == [1, 2, 3, 4]
+
+
+def test_refuses_another_runs_checkpoints_and_needs_a_reward(tiny_model_dir, tmp_path):
+    (tmp_path / "checkpoint-3").mkdir()
+    with pytest.raises(ppo.UsageError, match="holds checkpoints of an earlier run"):
+        run_ppo(tiny_model_dir, tmp_path, "--max_steps", "1")
+    with pytest.raises(ppo.UsageError, match="PPO needs a reward"):
+        ppo.main(["--model_name_or_path", tiny_model_dir, "--train_file_dir", "data/sft/validation"])
+
+
+def test_critic_from_the_reward_model(tiny_model_dir, tmp_path):
+    import reward_modeling
+
+    reward_modeling.main(["--model_name_or_path", tiny_model_dir, "--output_dir", str(tmp_path / "rm"),
+                          "--train_file_dir", "data/preference/validation", "--max_steps", "2", "--report_to", "none",
+                          "--save_strategy", "no", "--disable_tqdm", "True", "--per_device_train_batch_size", "4"])
+    history = ppo.main(["--model_name_or_path", tiny_model_dir, "--reward_model", str(tmp_path / "rm"),
+                        "--value_model", "critic", "--train_file_dir", "data/sft/validation",
+                        "--output_dir", str(tmp_path / "ppo"), "--batch_size", "4", "--mini_batch_size", "2",
+                        "--max_new_tokens", "6", "--max_steps", "2", "--report_to", "none"])["history"]
+    assert len(history) == 2 and all(abs(h["reward"]) < 10 for h in history)
+    assert (tmp_path / "ppo" / "checkpoint-2" / "critic" / "adapter_model.safetensors").exists()
