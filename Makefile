@@ -22,7 +22,7 @@ default-model: install
 	$(BIN)/python -m medicalgpt.default_model
 
 demo: install
-	PATH=$(CURDIR)/$(BIN):$$PATH bash run_demo.sh
+	PATH=$(CURDIR)/$(BIN):$$PATH bash run_full_pipeline.sh
 
 # The chat demo's browser test drives Debian's headless Chromium (never a downloaded browser).
 browser:

@@ -1,0 +1,96 @@
+#!/usr/bin/env bash
+# The main job (`make demo`): every stage on the embedded default model, offline, on CPU, with a table of
+# held-out metrics before and after each stage.
+#   base model -> PT -> SFT -> reward model -> PPO,   and from the SFT model: DPO, ORPO, GRPO;
+#   plus an SFT run without PT (what PT is worth), merged models and sample answers through inference.py.
+# Writes $OUT/results.{json,md} (the table), $OUT/curves.png (every stage's curves) and each stage's outputs.
+# FAST=1 runs a few steps of everything (the test suite's end-to-end check).
+set -euo pipefail
+cd "$(dirname "$0")"
+
+OUT=${OUT:-outputs-pipeline}
+export OMP_NUM_THREADS=${PIPELINE_THREADS:-2} HF_HUB_OFFLINE=1 TRL_EXPERIMENTAL_SILENCE=1
+if [ "${FAST:-0}" = 1 ]; then   # a smoke run: a few steps of every stage
+    PT=(--max_steps 4) SFT=(--max_steps 4) PREF=(--max_steps 2) RL=(--max_steps 2) GRPO=(--max_steps 2)
+    EVAL=(--max_new_tokens 8) MODEL_SIZE=tiny
+else
+    PT=(--num_train_epochs 12) SFT=(--num_train_epochs 4) PREF=(--num_train_epochs 2) RL=(--max_steps 40)
+    GRPO=(--max_steps 40) EVAL=() MODEL_SIZE=default
+fi
+COMMON=(--report_to tensorboard --save_strategy no --logging_steps 5 --disable_tqdm True)
+HELD_OUT=(--perplexity_files data/pretrain/validation --mcq_file data/eval/mcq_validation.jsonl)
+PAIRS=(--train_file_dir data/preference/train --validation_file_dir data/preference/validation)
+RESULTS=$OUT/results.jsonl
+
+START=$SECONDS
+stage() { printf '\n==> [%4ds] %s\n' $((SECONDS - START)) "$*"; }
+evaluate() { python evaluate.py --results_file "$RESULTS" "${EVAL[@]}" "$@" 2>&1 | tail -n 1; }  # its table row
+rm -rf "$OUT" && mkdir -p "$OUT"
+
+stage "Build the embedded default model ($MODEL_SIZE)"
+python -m medicalgpt.default_model --output_dir "$OUT/base" --size "$MODEL_SIZE"
+evaluate --name base --model_name_or_path "$OUT/base" "${HELD_OUT[@]}"
+
+stage "PT: continued pretraining on data/pretrain (full fine-tuning of a random model)"
+python pretraining.py --model_name_or_path "$OUT/base" --output_dir "$OUT/pt" --use_peft False \
+    --train_file_dir data/pretrain/train --validation_file_dir data/pretrain/validation --block_size 256 \
+    --learning_rate 2e-3 --warmup_steps 20 --lr_scheduler_type cosine --per_device_train_batch_size 8 \
+    --eval_strategy epoch "${COMMON[@]}" "${PT[@]}"
+evaluate --name pt --model_name_or_path "$OUT/pt" "${HELD_OUT[@]}"
+
+sft() {  # sft NAME BASE: LoRA SFT on data/sft, then merged for the next stages
+    python supervised_finetuning.py --model_name_or_path "$2" --output_dir "$OUT/$1" \
+        --train_file_dir data/sft/train --validation_file_dir data/sft/validation --packing True \
+        --lora_rank 16 --lora_alpha 32 --learning_rate 2e-3 --warmup_steps 10 --lr_scheduler_type cosine \
+        --per_device_train_batch_size 8 --eval_strategy epoch "${COMMON[@]}" "${SFT[@]}"
+    python merge_peft_adapter.py --base_model "$2" --lora_model "$OUT/$1" --output_dir "$OUT/$1-merged"
+}
+stage "SFT: LoRA on the PT model, data/sft"
+sft sft "$OUT/pt"
+evaluate --name sft --model_name_or_path "$OUT/sft-merged" "${HELD_OUT[@]}" \
+    --preference_file data/preference/validation --answer_file data/grpo/validation
+stage "SFT without PT (the same recipe on the untrained model: what PT is worth)"
+sft sft_no_pt "$OUT/base"
+evaluate --name sft_no_pt --model_name_or_path "$OUT/sft_no_pt-merged" "${HELD_OUT[@]}"
+
+stage "Reward model on the SFT model, data/preference"
+python reward_modeling.py --model_name_or_path "$OUT/sft-merged" --output_dir "$OUT/rm" "${PAIRS[@]}" \
+    --lora_rank 16 --lora_alpha 32 --learning_rate 2e-3 --per_device_train_batch_size 8 "${COMMON[@]}" "${PREF[@]}"
+evaluate --name rm --model_name_or_path "$OUT/sft-merged" --preference_file data/preference/validation \
+    --reward_model "$OUT/rm"
+
+stage "PPO from the SFT model against the reward model"
+python ppo_training.py --model_name_or_path "$OUT/sft-merged" --reward_model "$OUT/rm" --output_dir "$OUT/ppo" \
+    --train_file_dir data/sft/train --batch_size 8 --mini_batch_size 4 --max_new_tokens 32 --learning_rate 1e-3 \
+    --lora_rank 16 --lora_alpha 32 --kl_coef 0.02 --report_to tensorboard "${RL[@]}"
+evaluate --name ppo --model_name_or_path "$OUT/sft-merged" --lora_model "$OUT/ppo" "${HELD_OUT[@]}"
+
+stage "DPO from the SFT model"
+python dpo_training.py --model_name_or_path "$OUT/sft-merged" --output_dir "$OUT/dpo" "${PAIRS[@]}" --beta 0.1 \
+    --lora_rank 16 --lora_alpha 32 --learning_rate 1e-3 --per_device_train_batch_size 8 "${COMMON[@]}" "${PREF[@]}"
+evaluate --name dpo --model_name_or_path "$OUT/sft-merged" --lora_model "$OUT/dpo" "${HELD_OUT[@]}" \
+    --preference_file data/preference/validation
+
+stage "ORPO from the SFT model"
+python orpo_training.py --model_name_or_path "$OUT/sft-merged" --output_dir "$OUT/orpo" "${PAIRS[@]}" --beta 0.1 \
+    --lora_rank 16 --lora_alpha 32 --learning_rate 1e-3 --per_device_train_batch_size 8 "${COMMON[@]}" "${PREF[@]}"
+evaluate --name orpo --model_name_or_path "$OUT/sft-merged" --lora_model "$OUT/orpo" "${HELD_OUT[@]}" \
+    --preference_file data/preference/validation
+
+stage "GRPO from the SFT model with the medical rewards, data/grpo"
+python grpo_training.py --model_name_or_path "$OUT/sft-merged" --output_dir "$OUT/grpo" \
+    --train_file_dir data/grpo/train --reward_funcs answer_accuracy --system_prompt "" \
+    --num_generations 4 --max_completion_length 32 --per_device_train_batch_size 8 --learning_rate 1e-3 \
+    --lora_rank 16 --lora_alpha 32 "${COMMON[@]}" "${GRPO[@]}"
+evaluate --name grpo --model_name_or_path "$OUT/sft-merged" --lora_model "$OUT/grpo" \
+    --answer_file data/grpo/validation
+
+stage "Merge DPO and answer held-out questions with inference.py"
+python merge_peft_adapter.py --base_model "$OUT/sft-merged" --lora_model "$OUT/dpo" --output_dir "$OUT/dpo-merged"
+python inference.py --base_model "$OUT/dpo-merged" --data_file data/sft/validation/sharegpt_medical.jsonl \
+    --output_file "$OUT/answers.jsonl" --temperature 0 --max_new_tokens 48
+head -n 3 "$OUT/answers.jsonl"
+
+stage "Report"
+python -m medicalgpt.report "$OUT"
+stage "Done: $OUT/results.md, $OUT/results.json, $OUT/curves.png; tensorboard --logdir $OUT"
