@@ -13,7 +13,7 @@ from trl import RewardConfig, RewardTrainer
 
 from medicalgpt.args import LoraArguments, ModelArguments, PreferenceDataArguments, parse_args
 from medicalgpt.errors import run_cli
-from medicalgpt.modeling import check_model_args
+from medicalgpt.modeling import check_model_args, check_model_class
 from medicalgpt.training import STAGE_DEFAULTS, load_preference_inputs, prepare_run, train_and_save
 
 
@@ -28,6 +28,7 @@ def main(argv: list[str] | None = None) -> dict:
         (ModelArguments, LoraArguments, PreferenceDataArguments, RewardConfig), argv,
         defaults={**STAGE_DEFAULTS, "output_dir": "outputs-rm", "learning_rate": 2e-5})
     check_model_args(model_args, lora_args)
+    check_model_class(model_args, AutoModelForSequenceClassification)
     resume = prepare_run(training_args)
 
     model, tokenizer, splits = load_preference_inputs(

@@ -36,6 +36,9 @@ class ModelArguments:
     load_in_8bit: bool = field(default=False, metadata={"help": "Load the base in 8-bit (bitsandbytes)."})
     bnb_4bit_quant_type: str = field(default="nf4", metadata={"help": "4-bit data type.", "choices": ["nf4", "fp4"]})
     bnb_4bit_use_double_quant: bool = field(default=True, metadata={"help": "Quantize the 4-bit scales too."})
+    resize_embeddings: bool = field(default=False, metadata={
+        "help": "Add embedding rows for the tokens --tokenizer_name_or_path adds to the model's own tokenizer "
+                "(extend_tokenizer.py), each the mean of the subword rows it replaces."})
 
 
 @dataclass

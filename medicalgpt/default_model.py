@@ -11,6 +11,7 @@ import argparse
 import os
 import shutil
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -50,23 +51,33 @@ def read_corpus(corpus_dir: Path = CORPUS_DIR) -> list[str]:
     return [line for f in files for line in f.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def build_tokenizer(corpus_dir: Path = CORPUS_DIR, vocab_size: int = 8000) -> PreTrainedTokenizerFast:
-    """Train a byte-level BPE tokenizer with ChatML special tokens and chat template."""
+def byte_level_bpe(texts: Iterable[str], vocab_size: int, split: Regex = HAN_OR_DIGIT,
+                   max_token_length: int | None = None) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer with ChatML special tokens trained on texts.
+
+    split: pieces isolated before byte-level pre-tokenization (default: every Han character and every digit).
+    max_token_length: the longest token, in bytes.
+    """
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(HAN_OR_DIGIT, behavior="isolated"),
+        pre_tokenizers.Split(split, behavior="isolated"),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
     ])
     bpe.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, min_frequency=2, special_tokens=SPECIAL_TOKENS,
+        vocab_size=vocab_size, min_frequency=2, special_tokens=SPECIAL_TOKENS, max_token_length=max_token_length,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
     )
-    bpe.train_from_iterator(read_corpus(corpus_dir), trainer)
-    tokenizer = PreTrainedTokenizerFast(
+    bpe.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(
         tokenizer_object=bpe, eos_token=EOS_TOKEN, pad_token=EOS_TOKEN,
         additional_special_tokens=SPECIAL_TOKENS[1:], model_max_length=2048,
     )
+
+
+def build_tokenizer(corpus_dir: Path = CORPUS_DIR, vocab_size: int = 8000) -> PreTrainedTokenizerFast:
+    """Train a byte-level BPE tokenizer with ChatML special tokens and chat template."""
+    tokenizer = byte_level_bpe(read_corpus(corpus_dir), vocab_size)
     tokenizer.chat_template = CHATML_TEMPLATE
     return tokenizer
 

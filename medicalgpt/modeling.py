@@ -6,6 +6,7 @@ import logging
 from pathlib import Path
 
 import torch
+import transformers
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from medicalgpt.args import LoraArguments, ModelArguments
@@ -14,8 +15,9 @@ from medicalgpt.errors import UsageError
 
 logger = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-# MoE routers are nn.Linear too, but adapting them destabilises expert routing: never LoRA targets.
-ROUTER_NAMES = {"gate", "router"}
+# MoE routers and gates are linear layers in some families (`mlp.gate`, Qwen2-MoE's `shared_expert_gate`, HunYuan's
+# `gate.wg`, JetMoE's `router.layer`); adapting them destabilises expert routing, so nothing in them is a LoRA target.
+ROUTER_NAMES = {"gate", "router", "shared_expert_gate"}
 
 
 def model_path(model_args: ModelArguments) -> str:
@@ -56,6 +58,9 @@ def check_model_args(model_args: ModelArguments, lora_args: LoraArguments | None
     quantized = model_args.load_in_4bit or model_args.load_in_8bit
     if quantized and lora_args is not None and not lora_args.use_peft:
         raise UsageError("a 4/8-bit base cannot be fully fine-tuned: use LoRA (QLoRA) or drop --load_in_4bit/8bit")
+    if model_args.resize_embeddings and lora_args is not None and lora_args.use_peft and not lora_args.modules_to_save:
+        logger.warning("--resize_embeddings with LoRA: the new rows stay as initialised unless you also pass "
+                       "--modules_to_save embed_tokens,lm_head")
     if quantized and importlib.util.find_spec("bitsandbytes") is None:
         raise UsageError("--load_in_4bit/--load_in_8bit need bitsandbytes: pip install bitsandbytes")
     if model_args.attn_implementation == "flash_attention_2":
@@ -93,31 +98,70 @@ def load_model(model_args: ModelArguments, model_class=AutoModelForCausalLM, **m
     check_model_args(model_args)
     path = model_path(model_args)
     config = AutoConfig.from_pretrained(path, trust_remote_code=model_args.trust_remote_code, **model_kwargs)
+    _check_architecture(config, model_class)
     if model_args.rope_scaling:
         config.rope_parameters = _rope_parameters(config, model_args.rope_scaling)
     dtype = resolve_dtype(model_args.dtype)
+    # None is transformers' sdpa-where-supported: architectures without an sdpa path (Gemma 2) fall back to eager.
+    attention = None if model_args.attn_implementation == "sdpa" else model_args.attn_implementation
     model = model_class.from_pretrained(
-        path, config=config, dtype=dtype, attn_implementation=model_args.attn_implementation,
+        path, config=config, dtype=dtype, attn_implementation=attention,
         quantization_config=_quantization_config(model_args, dtype), trust_remote_code=model_args.trust_remote_code,
     )
     logger.info("Loaded %s (%s, %.1fM parameters)", path, dtype, model.num_parameters() / 1e6)
+    if model_args.resize_embeddings:
+        from medicalgpt.vocab import resize_embeddings
+
+        base_tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=model_args.trust_remote_code)
+        added = resize_embeddings(model, load_tokenizer(model_args), base_tokenizer)
+        logger.info("--resize_embeddings: %d new token rows, each the mean of the rows it replaces", added)
     return model
+
+
+def _check_architecture(config, model_class) -> None:
+    """One line instead of transformers' traceback when an auto class has no model for this architecture."""
+    mapping = getattr(model_class, "_model_mapping", None)  # only auto classes have one
+    if mapping is None or type(config) in mapping or model_class.__name__ in (getattr(config, "auto_map", None) or {}):
+        return
+    raise UsageError(f"the {config.model_type} architecture has no {model_class.__name__} class in transformers "
+                     f"{transformers.__version__}; this stage cannot use it")
+
+
+def check_model_class(model_args: ModelArguments, model_class) -> None:
+    """Fail fast, before any data is read, when the stage's model class does not exist for this architecture."""
+    config = AutoConfig.from_pretrained(model_path(model_args), trust_remote_code=model_args.trust_remote_code)
+    _check_architecture(config, model_class)
 
 
 def find_linear_modules(model: PreTrainedModel) -> list[str]:
     """Names of the linear layers LoRA should adapt for 'all': every one but the output head and MoE routers."""
     head = model.get_output_embeddings()
-    names = set()
+    names, router_names = set(), set()
     for name, module in model.named_modules():
-        leaf = name.rsplit(".", 1)[-1]
         is_linear = isinstance(module, torch.nn.Linear) or "Linear" in type(module).__name__  # bnb 4/8-bit too
-        if is_linear and module is not head and leaf not in ROUTER_NAMES and leaf != "score":
-            names.add(leaf)
-    return sorted(names)
+        if not is_linear or module is head:
+            continue
+        path = name.split(".")
+        (router_names if ROUTER_NAMES.intersection(path) else names).add(path[-1])
+    # peft matches target names as suffixes of module paths: a name a router shares would adapt the router too.
+    return sorted(names - router_names - {"score"})
+
+
+def enable_router_aux_loss(model: PreTrainedModel) -> None:
+    """MoE models train with their router load-balancing loss where the architecture defines one.
+
+    TRL's SFT, DPO, KTO and GRPO trainers turn it on themselves; transformers' Trainer (PT) and TRL's ORPO and CPO add
+    it only when the config's output_router_logits is set, and checkpoints ship it off.
+    """
+    config = model.config.get_text_config()
+    if hasattr(config, "output_router_logits") and getattr(config, "router_aux_loss_coef", 0.0):
+        config.output_router_logits = True
 
 
 def apply_lora(model: PreTrainedModel, lora_args: LoraArguments, training_args, task_type: str = "CAUSAL_LM"):
     """Wrap the model for training: a new or continued LoRA adapter, or full fine-tuning."""
+    if task_type == "CAUSAL_LM":
+        enable_router_aux_loss(model)
     quantized = getattr(model, "is_quantized", False)
     if quantized:
         from peft import prepare_model_for_kbit_training

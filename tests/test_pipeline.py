@@ -4,6 +4,7 @@ import json
 import math
 import os
 import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -80,7 +81,9 @@ def test_report_adds_reward_trends_and_draws_every_stage(tmp_path):
 
 
 def test_fast_pipeline_runs_every_stage_end_to_end(tmp_path):
-    env = {**os.environ, "OUT": str(tmp_path / "run"), "FAST": "1", "PIPELINE_THREADS": "1"}
+    # The script runs `python`: the interpreter running the tests (the venv's), whatever PATH says.
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
+    env = {**os.environ, "OUT": str(tmp_path / "run"), "FAST": "1", "PIPELINE_THREADS": "1", "PATH": path}
     subprocess.run(["bash", str(REPO / "run_full_pipeline.sh")], check=True, env=env, cwd=REPO,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=1200)
     out = tmp_path / "run"

@@ -1,7 +1,7 @@
 """Load local files or a hub dataset into normalised train/validation splits."""
 
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 from datasets import Dataset, DatasetDict
@@ -27,10 +27,13 @@ class LoadReport:
             self.problems.append(problem)
 
 
-def convert_records(located: Iterable[tuple[str, object]], convert: Converter, report: LoadReport,
-                    skip_bad_records: bool) -> list[dict]:
-    """Convert one source's (location, raw record) pairs; a bad record raises '<file>:<line>: <field>: ...'."""
-    records, file_format = [], None
+def iter_converted(located: Iterable[tuple[str, object]], convert: Converter, report: LoadReport,
+                   skip_bad_records: bool) -> Iterator[tuple[str, str, dict]]:
+    """(location, detected format, converted record) for one source's records, one at a time.
+
+    A bad record raises '<file>:<line>: <field>: ...', or is counted in report and skipped.
+    """
+    file_format = None
     for location, raw in located:
         try:
             if isinstance(raw, DataError):
@@ -39,13 +42,20 @@ def convert_records(located: Iterable[tuple[str, object]], convert: Converter, r
             if file_format and kind != file_format:
                 raise DataError(f"mixed formats in one file: a {kind} record in a {file_format} file")
             file_format = file_format or kind
-            records.append(convert(raw))
+            record = convert(raw)
             report.read += 1
         except DataError as e:
             if not skip_bad_records:
                 raise DataError(f"{location}: {e}") from None
             report.skip(f"{location}: {e}")
-    return records
+            continue
+        yield location, kind, record
+
+
+def convert_records(located: Iterable[tuple[str, object]], convert: Converter, report: LoadReport,
+                    skip_bad_records: bool) -> list[dict]:
+    """Convert one source's (location, raw record) pairs; a bad record raises '<file>:<line>: <field>: ...'."""
+    return [record for _, _, record in iter_converted(located, convert, report, skip_bad_records)]
 
 
 def _read_local(spec: str, convert: Converter, report: LoadReport, skip_bad_records: bool) -> list[dict]:
