@@ -181,12 +181,20 @@ def apply_lora(model: PreTrainedModel, lora_args: LoraArguments, training_args, 
         targets = (find_linear_modules(model) if lora_args.target_modules == "all"
                    else [m.strip() for m in lora_args.target_modules.split(",")])
         to_save = [m.strip() for m in lora_args.modules_to_save.split(",")] if lora_args.modules_to_save else None
-        model = get_peft_model(model, LoraConfig(
+        config = LoraConfig(
             task_type=task_type, r=lora_args.lora_rank, lora_alpha=lora_args.lora_alpha,
             lora_dropout=lora_args.lora_dropout, target_modules=targets, modules_to_save=to_save,
             use_dora=lora_args.use_dora, use_rslora=lora_args.use_rslora,
             # A tied embedding/head trained in full must stay tied, or the saved adapter disagrees with itself.
-            ensure_weight_tying=bool(to_save) and model.config.get_text_config().tie_word_embeddings))
+            ensure_weight_tying=bool(to_save) and model.config.get_text_config().tie_word_embeddings)
+        try:
+            model = get_peft_model(model, config)
+        except ValueError as error:
+            if "lora_dropout" not in str(error):
+                raise
+            # peft adapts fused expert weights (DeepSeek-V3, GLM-4-MoE) through a wrapper that takes no dropout.
+            raise UsageError(f"this architecture's LoRA targets include fused expert weights, which peft adapts "
+                             f"without dropout: pass --lora_dropout 0 (peft: {error})") from None
     model.print_trainable_parameters()
     return model
 

@@ -79,7 +79,7 @@ FAMILIES = (
 )
 # Architectures whose code ships with the checkpoint (--trust_remote_code): not run here, trained through their
 # built-in chat template (tests/test_templates.py checks it token for token against the published format).
-REMOTE_CODE_FAMILIES = (("ChatGLM3", "chatglm3"), ("Baichuan2", "baichuan2"), ("InternLM2", None))
+REMOTE_CODE_FAMILIES = (("ChatGLM3", "chatglm3"), ("Baichuan2", "baichuan2"), ("InternLM2", "internlm2"))
 
 
 @dataclass

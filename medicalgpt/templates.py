@@ -233,6 +233,8 @@ TEMPLATES: dict[str, Template] = {
         ),
         # Yi's chat format is ChatML; it has no tool format, so tool turns are written plainly.
         Template("yi", **_CHATML),
+        # InternLM2-chat: ChatML after a BOS token (its own tool protocol is not modelled: tools are written plainly).
+        Template("internlm2", prefix="<s>", **_CHATML),
     ]
 }
 

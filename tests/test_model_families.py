@@ -184,3 +184,9 @@ def test_zero_configs_and_moe_leaf_modules():
     accelerate_config = load_config_from_file(str(REPO / "configs" / "accelerate_zero3.yaml"))
     assert accelerate_config.distributed_type == "DEEPSPEED"
     assert (REPO / accelerate_config.deepspeed_config["deepspeed_config_file"]).is_file()
+
+
+def test_fused_experts_with_dropout_get_a_clear_error(tokenizer, tmp_path):
+    base = support_matrix.build_family_model(FAMILY["deepseek_v3"], tokenizer, tmp_path)
+    with pytest.raises(UsageError, match="pass --lora_dropout 0"):
+        apply_lora(load_model(ModelArguments(model_name_or_path=base)), LoraArguments(), NO_CHECKPOINTING)

@@ -24,6 +24,7 @@ SPECIAL_TOKENS = {
     "chatglm3": ["[gMASK]", "<sop>", "<|system|>", "<|user|>", "<|assistant|>", "<|observation|>", "</s>"],
     "baichuan2": ["<reserved_106>", "<reserved_107>", "</s>"],
     "deepseek": ["<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"],
+    "internlm2": ["<s>"],
 }
 
 TOOLS = [{"type": "function", "function": {
