@@ -69,13 +69,17 @@ class EvalArguments:
     results_file: str | None = field(default=None, metadata={"help": "Append the metrics row here (JSON lines)."})
 
 
-def _records(files: str, convert) -> list[dict]:
-    return load_splits(DataArguments(train_file_dir=files, validation_split_percentage=0), convert)["train"]
+def _splits(files: str, convert):
+    """The records of these files as the single split "train" (no validation split is held out)."""
+    return load_splits(DataArguments(train_file_dir=files, validation_split_percentage=0), convert)
+
+
+def _records(files: str, convert):
+    return _splits(files, convert)["train"]
 
 
 def text_perplexity(model, tokenizer, files: str, block_size: int, batch_size: int) -> float:
-    splits = build_pretraining_splits(load_splits(DataArguments(train_file_dir=files, validation_split_percentage=0),
-                                                  to_text), tokenizer, block_size)
+    splits = build_pretraining_splits(_splits(files, to_text), tokenizer, block_size)
     return perplexity(model, splits["train"]["input_ids"], batch_size)
 
 
@@ -121,9 +125,8 @@ def answer_accuracy(model, tokenizer, template, args: EvalArguments) -> float:
 
 
 def preference_metrics(model, model_args, tokenizer, template, args: EvalArguments) -> dict:
-    pairs = build_preference_splits(load_splits(DataArguments(train_file_dir=args.preference_file,
-                                                              validation_split_percentage=0), to_preference),
-                                    tokenizer, template, max_source_length=10**6, max_target_length=10**6)["train"]
+    pairs = build_preference_splits(_splits(args.preference_file, to_preference), tokenizer, template,
+                                    max_source_length=10**6, max_target_length=10**6)["train"]
     if args.reward_model:
         reward_model = load_reward_model(args.reward_model, model_args)
         return {f"rm_{k}": v for k, v in reward_model_accuracy(reward_model, pairs, tokenizer.pad_token_id).items()}

@@ -30,6 +30,7 @@ from transformers import set_seed
 from medicalgpt.args import ChatDataArguments, LoraArguments, ModelArguments, parse_args
 from medicalgpt.data import to_rl_prompts
 from medicalgpt.errors import UsageError, run_cli
+from medicalgpt.generation import left_padded
 from medicalgpt.modeling import (
     apply_lora,
     check_model_args,
@@ -205,13 +206,6 @@ def build_actor_critic(model_args, lora_args, ppo_args, reward_model, tokenizer,
 
 # --- rollouts and scores ---------------------------------------------------------------------------------------------
 
-def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(s) for s in sequences)
-    ids = torch.tensor([[pad_id] * (width - len(s)) + s for s in sequences])
-    lengths = torch.tensor([len(s) for s in sequences])
-    return ids, (torch.arange(width) >= width - lengths[:, None]).long()
-
-
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     """Positions counted from each row's first real token, so left padding changes nothing."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
@@ -220,7 +214,8 @@ def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def rollout(actor: ActorCritic, tokenizer, prompts: list[list[int]], args: PPOArguments) -> dict:
     """Sample one response per prompt; the response mask ends with (and includes) the first stop token."""
-    prompt_ids, prompt_mask = left_pad(prompts, tokenizer.pad_token_id)
+    padded = left_padded(prompts, tokenizer.pad_token_id, actor.policy.device)
+    prompt_ids, prompt_mask = padded["input_ids"], padded["attention_mask"]
     output = actor.policy.generate(input_ids=prompt_ids, attention_mask=prompt_mask, do_sample=True, top_k=0,
                                    temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
                                    pad_token_id=tokenizer.pad_token_id)

@@ -1,25 +1,9 @@
-"""Held-out metrics: token-level perplexity and generated answers to held-out questions."""
+"""Held-out metrics: perplexity, multiple-choice, preference and reward-model accuracy, from answer log-probs."""
 
 import math
 
 import torch
 from torch.nn.utils.rnn import pad_sequence
-
-
-@torch.inference_mode()
-def perplexity(model, blocks: list[list[int]], batch_size: int = 8) -> float:
-    """exp(mean negative log-likelihood over every predicted token), ignoring padding."""
-    total_nll, total_tokens = 0.0, 0
-    for start in range(0, len(blocks), batch_size):
-        batch = [torch.tensor(b) for b in blocks[start: start + batch_size]]
-        input_ids = pad_sequence(batch, batch_first=True, padding_value=0).to(model.device)
-        attention_mask = pad_sequence([torch.ones_like(b) for b in batch], batch_first=True).to(model.device)
-        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float()
-        targets = input_ids[:, 1:].masked_fill(attention_mask[:, 1:] == 0, -100)
-        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, ignore_index=-100, reduction="sum")
-        total_nll += nll.item()
-        total_tokens += int((targets != -100).sum())
-    return math.exp(total_nll / total_tokens)
 
 
 @torch.inference_mode()
@@ -99,3 +83,9 @@ def reward_model_accuracy(reward_model, pairs, pad_token_id: int, batch_size: in
 
     margin = rewards("chosen_ids") - rewards("rejected_ids")
     return {"accuracy": (margin > 0).float().mean().item(), "margin": margin.mean().item()}
+
+
+def perplexity(model, blocks: list[list[int]], batch_size: int = 8) -> float:
+    """exp(mean negative log-likelihood over every predicted token), ignoring padding."""
+    results = answer_logprobs(model, [(block[:1], block[1:]) for block in blocks], batch_size)
+    return math.exp(-sum(total for total, _ in results) / sum(length for _, length in results))

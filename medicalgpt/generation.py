@@ -16,7 +16,8 @@ def sampling_kwargs(temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0
     return {**sampling, "repetition_penalty": repetition_penalty}
 
 
-def _left_padded(prompts: list[list[int]], pad_id: int, device) -> dict:
+def left_padded(prompts: list[list[int]], pad_id: int, device) -> dict:
+    """input_ids and attention_mask of token sequences padded on the left (generation continues on the right)."""
     width = max(len(p) for p in prompts)
     return {"input_ids": torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts], device=device),
             "attention_mask": torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)}
@@ -31,7 +32,7 @@ def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int = 1
     """
     outputs = []
     for start in tqdm(range(0, len(prompts), batch_size), desc="Generating", disable=not show_progress):
-        inputs = _left_padded(prompts[start: start + batch_size], tokenizer.pad_token_id, model.device)
+        inputs = left_padded(prompts[start: start + batch_size], tokenizer.pad_token_id, model.device)
         generated = model.generate(**inputs, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
                                    **sampling_kwargs(**sampling))
         outputs += tokenizer.batch_decode(generated[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
@@ -64,7 +65,7 @@ def stream_generate(model, tokenizer, prompt: list[int], max_new_tokens: int = 1
     def run() -> None:
         try:
             with torch.inference_mode():
-                model.generate(**_left_padded([prompt], tokenizer.pad_token_id, model.device), streamer=streamer,
+                model.generate(**left_padded([prompt], tokenizer.pad_token_id, model.device), streamer=streamer,
                                max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
                                stopping_criteria=StoppingCriteriaList([_StopOnEvent(stop), *stopping_criteria]),
                                **sampling_kwargs(**sampling))

@@ -230,7 +230,10 @@ def load_reward_model(path: str, model_args: ModelArguments) -> PreTrainedModel:
     base = json.loads(adapter_config.read_text())["base_model_name_or_path"] if adapter_config.exists() else path
     rm_args = ModelArguments(model_name_or_path=base, dtype=model_args.dtype,
                              trust_remote_code=model_args.trust_remote_code)
-    model = load_model(rm_args, AutoModelForSequenceClassification, num_labels=1)
+    # The score is read at each sequence's last non-pad token, so the config must know the pad id (as in
+    # reward_modeling.py); the reward model's own saved tokenizer says which it is.
+    pad_token_id = load_tokenizer(rm_args, path if adapter_config.exists() else None).pad_token_id
+    model = load_model(rm_args, AutoModelForSequenceClassification, num_labels=1, pad_token_id=pad_token_id)
     if adapter_config.exists():
         from peft import PeftModel
 
