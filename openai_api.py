@@ -41,7 +41,7 @@ from medicalgpt.openai_protocol import (
     error_body,
     sse,
 )
-from medicalgpt.serving import BaseModelArguments, ChatModel, ServeArguments, load_chat_model
+from medicalgpt.serving import BaseModelArguments, ChatModel, ServeArguments, context_length, load_chat_model
 from medicalgpt.templates import CHAT_TEMPLATE_DIR, get_template
 
 logger = logging.getLogger(__name__)
@@ -55,6 +55,9 @@ class ApiArguments:
     api_key: str | None = field(default=None, metadata={
         "help": "Require `Authorization: Bearer <key>`. Default: $MEDICALGPT_API_KEY; neither = no key needed."})
     model_name: str = field(default="medicalgpt", metadata={"help": "The model id clients ask for."})
+    max_model_len: int | None = field(default=None, metadata={
+        "help": "Most tokens a request may use, prompt + completion; longer ones get a 400. Default: the model's "
+                "max_position_embeddings."})
     backend: str = field(default="transformers", metadata={
         "help": "vllm: exec vLLM's OpenAI server with these flags (needs vllm and a CUDA GPU).",
         "choices": ["transformers", "vllm"]})
@@ -77,10 +80,12 @@ class TokenCounter(StoppingCriteria):
 class Completion:
     """One request's generation: its text cut at the stop strings, its token usage and finish reason."""
 
-    def __init__(self, chat: ChatModel, request: ChatCompletionRequest, max_new_tokens: int):
+    def __init__(self, chat: ChatModel, request: ChatCompletionRequest, max_new_tokens: int,
+                 max_model_len: int | None = None):
         self.chat, self.request = chat, request
         self.prompt = chat.encode(request.conversation())
-        self.max_new_tokens = request.max_completion_tokens or request.max_tokens or max_new_tokens
+        self.max_new_tokens = completion_budget(len(self.prompt), request.max_completion_tokens or request.max_tokens,
+                                                max_new_tokens, max_model_len)
         self.stop = threading.Event()  # set when the client goes away
         self.counter = TokenCounter(len(self.prompt))
         self.stop_strings = StopStrings(request.stop_strings())
@@ -123,6 +128,20 @@ class Completion:
             logger.exception("generation failed")
             yield sse(error_body(failure_message(error), "server_error"))
         yield sse("[DONE]")
+
+
+def completion_budget(prompt_tokens: int, requested: int | None, default: int, max_model_len: int | None) -> int:
+    """The tokens to generate: as requested, or the default cut to the room the context leaves. A prompt that
+    leaves no room, or a request for more than there is, is refused the way OpenAI refuses it."""
+    if max_model_len is None:
+        return requested or default
+    room = max_model_len - prompt_tokens
+    if room < (requested or 1):
+        raise ApiError(400, f"This model's maximum context length is {max_model_len} tokens. However, you requested "
+                            f"{prompt_tokens + (requested or 1)} tokens ({prompt_tokens} in the messages, "
+                            f"{requested or 1} in the completion). Please reduce the length of the messages or "
+                            "completion.", param="messages", code="context_length_exceeded")
+    return requested or min(default, room)
 
 
 def failure_message(error: Exception) -> str:
@@ -184,8 +203,8 @@ def add_error_handlers(app: FastAPI) -> None:
 
 
 def create_app(chat: ChatModel, model_name: str = "medicalgpt", api_key: str | None = None,
-               max_new_tokens: int = 512) -> FastAPI:
-    """The API around one chat model.
+               max_new_tokens: int = 512, max_model_len: int | None = None) -> FastAPI:
+    """The API around one chat model; max_model_len defaults to the model's context length.
 
     Requests wait for their `turn` in the event loop, not in worker threads: queued requests then cannot fill
     the thread pool that the running generation needs to make progress.
@@ -193,6 +212,7 @@ def create_app(chat: ChatModel, model_name: str = "medicalgpt", api_key: str | N
     app = FastAPI(title="MedicalGPT", dependencies=[Depends(require_api_key(api_key))])
     add_error_handlers(app)
     turn = anyio.Lock()
+    max_model_len = max_model_len or context_length(chat.model)
 
     @app.get("/v1/models")
     async def models() -> dict:
@@ -206,7 +226,7 @@ def create_app(chat: ChatModel, model_name: str = "medicalgpt", api_key: str | N
                            param="model", code="model_not_found")
         if request.n != 1:
             raise ApiError(400, "Only n=1 is supported.", param="n")
-        completion = Completion(chat, request, max_new_tokens)
+        completion = Completion(chat, request, max_new_tokens, max_model_len)
         if request.stream:
             return StreamingResponse(stream_events(completion, ChunkWriter(model_name), turn),
                                      media_type="text/event-stream")
@@ -235,6 +255,8 @@ def vllm_command(model_args: ModelArguments, serve_args: ServeArguments, api_arg
         raise UsageError("--backend vllm: pass vLLM's own --quantization through vllm_deployment.sh instead")
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_path(model_args),
            "--host", api_args.host, "--port", str(api_args.port), "--dtype", model_args.dtype]
+    if api_args.max_model_len:
+        cmd += ["--max-model-len", str(api_args.max_model_len)]
     if model_args.trust_remote_code:
         cmd.append("--trust-remote-code")
     if serve_args.template_name:
@@ -255,7 +277,7 @@ def main(argv: list[str] | None = None) -> None:
     chat = load_chat_model(model_args, serve_args)
     if api_args.host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         logger.warning("Serving on %s without an API key: anyone who can reach it can use it", api_args.host)
-    uvicorn.run(create_app(chat, api_args.model_name, api_key, serve_args.max_new_tokens),
+    uvicorn.run(create_app(chat, api_args.model_name, api_key, serve_args.max_new_tokens, api_args.max_model_len),
                 host=api_args.host, port=api_args.port)
 
 

@@ -64,6 +64,11 @@ def load_chat_model(model_args: ModelArguments, serve_args: ServeArguments) -> C
     return ChatModel(model, tokenizer, template)
 
 
+def context_length(model: Any) -> int | None:
+    """The longest sequence (prompt + completion) the model was built for, when its config says."""
+    return getattr(getattr(model, "config", None), "max_position_embeddings", None)
+
+
 def message_text(content: Any) -> str:
     """A message's text: a string (gradio_client, most API clients) or a list of content parts such as
     [{"type": "text", "text": ...}] (browsers, newer API clients); other parts (files) carry no text."""
