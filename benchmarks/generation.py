@@ -59,15 +59,15 @@ def time_generation(model, tokenizer, prompts: list[list[int]], args: BenchmarkA
             "tokens_per_s": round(tokens / seconds, 1)}
 
 
-def print_table(rows: list[dict]) -> None:
-    print("| batch size | seconds | tokens | tokens/s | speed-up |\n|---|---|---|---|---|")
-    for row in rows:
-        print(f"| {row['batch_size']} | {row['seconds']:.2f} | {row['tokens']} | {row['tokens_per_s']:.0f} | "
-              f"{row['speedup']:.1f}x |")
+def table(rows: list[dict]) -> str:
+    lines = ["| batch size | seconds | tokens | tokens/s | speed-up |", "|---|---|---|---|---|"]
+    lines += [f"| {row['batch_size']} | {row['seconds']:.2f} | {row['tokens']} | {row['tokens_per_s']:.0f} | "
+              f"{row['speedup']:.1f}x |" for row in rows]
+    return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> dict:
-    model_args, args = parse_args((ModelArguments, BenchmarkArguments), argv)
+def run_benchmark(model_args: ModelArguments, args: BenchmarkArguments) -> dict:
+    """Time generation at each batch size; the result without writing it."""
     if args.quick:
         args.num_prompts, args.max_new_tokens, args.batch_sizes, args.repeats = 4, 4, "1,4", 1
     tokenizer = load_tokenizer(model_args)
@@ -78,10 +78,15 @@ def main(argv: list[str] | None = None) -> dict:
             for size in args.batch_sizes.split(",")]
     for row in rows:
         row["speedup"] = round(row["tokens_per_s"] / rows[0]["tokens_per_s"], 2)
-    print_table(rows)
-    result = {"model": model_path(model_args), "parameters": model.num_parameters(), "device": str(model.device),
-              "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-              "settings": asdict(args), "rows": rows}
+    return {"model": model_path(model_args), "parameters": model.num_parameters(), "device": str(model.device),
+            "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+            "settings": asdict(args), "rows": rows}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    model_args, args = parse_args((ModelArguments, BenchmarkArguments), argv)
+    result = run_benchmark(model_args, args)
+    print(table(result["rows"]))
     Path(args.output_file).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output_file).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     return result

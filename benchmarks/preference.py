@@ -1,130 +1,90 @@
-"""DPO against SFT on the same model and data: time per optimizer step and peak memory.
+"""PT, DPO (with and without precomputed reference log-probs) and RM against SFT on the same model and data:
+time per optimizer step, tokens per step and peak memory.
 
-Each configuration runs in its own process, so its peak memory (resident set on CPU, allocated CUDA
-memory on a GPU) is its own. Prints a table and writes benchmarks/results/preference.json.
+The data are the preference pairs of data/preference/train: DPO and RM train on them; SFT on each prompt with its
+chosen answer; PT on the same conversations as plain text. Every configuration uses LoRA rank 8 on all linear
+layers and runs in its own process (benchmarks.training), so its peak memory is its own.
 
-    python benchmarks/preference.py                  # 'large' CPU model (27M), 12 steps per configuration
-    python benchmarks/preference.py --quick          # tiny model, 2 steps: checks the script runs
+    python -m benchmarks.preference                  # 'large' CPU model (25M), 12 steps per configuration
+    python -m benchmarks.preference --quick          # tiny model, 3 steps, in this process: checks the script runs
 """
 
 import argparse
 import json
-import resource
-import statistics
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
-import torch
-from transformers import TrainerCallback
+from benchmarks.training import REPO, run_stage
+from medicalgpt.default_model import ensure_default_model
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-# name -> (stage module, extra flags); every configuration uses LoRA rank 8 on all linear layers.
+PAIRS = REPO / "data/preference/train/preference_medical.jsonl"
+# name -> (stage module, its flags); "{dir}" is the folder of the data written by write_same_data.
 CONFIGS = {
-    "sft": ("supervised_finetuning", []),
-    "dpo": ("dpo_training", []),
-    "dpo_precomputed_ref": ("dpo_training", ["--precompute_ref_log_probs", "True"]),
+    "sft": ("supervised_finetuning", ["--train_file_dir", "{dir}/sft.jsonl", "--max_length", "512"]),
+    "pt": ("pretraining", ["--train_file_dir", "{dir}/pt.txt", "--block_size", "128"]),
+    "dpo": ("dpo_training", ["--train_file_dir", str(PAIRS)]),
+    "dpo_precomputed_ref": ("dpo_training", ["--train_file_dir", str(PAIRS), "--precompute_ref_log_probs", "True"]),
+    "rm": ("reward_modeling", ["--train_file_dir", str(PAIRS)]),
 }
 
 
-class StepTimer(TrainerCallback):
-    """Wall time of each optimizer step."""
-
-    def __init__(self):
-        self.times: list[float] = []
-
-    def on_step_begin(self, args, state, control, **kwargs):
-        self.start = time.perf_counter()
-
-    def on_step_end(self, args, state, control, **kwargs):
-        self.times.append(time.perf_counter() - self.start)
+def write_same_data(folder: Path) -> None:
+    """The pairs' prompts with their chosen answers, as SFT conversations (sft.jsonl) and plain text (pt.txt)."""
+    rows = [json.loads(line) for line in PAIRS.open(encoding="utf-8")]
+    chats = [r["conversations"] + [{"from": "gpt", "value": r["chosen"]}] for r in rows]
+    (folder / "sft.jsonl").write_text("".join(json.dumps({"conversations": c}, ensure_ascii=False) + "\n"
+                                              for c in chats), encoding="utf-8")
+    (folder / "pt.txt").write_text("".join(" ".join(turn["value"] for turn in c).replace("\n", " ") + "\n"
+                                           for c in chats), encoding="utf-8")
 
 
-def peak_memory_mb() -> float:
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports kB
-
-
-def sft_data_flags(tmp: Path) -> list[str]:
-    """The preference pairs' chosen answers as SFT conversations: the same prompts and answers DPO sees."""
-    rows = [json.loads(line) for line in (REPO / "data/preference/train/preference_medical.jsonl").open()]
-    path = tmp / "sft.jsonl"
-    path.write_text("".join(json.dumps({"conversations": r["conversations"] + [{"from": "gpt", "value": r["chosen"]}]},
-                                       ensure_ascii=False) + "\n" for r in rows))
-    return ["--train_file_dir", str(path), "--max_length", "512"]
-
-
-def run_config(name: str, model: str, steps: int, batch: int) -> dict:
-    """Train one configuration for `steps` steps in this process; its median step time and peak memory."""
-    import importlib
-
-    module_name, flags = CONFIGS[name]
-    stage = importlib.import_module(module_name)
-    timer = StepTimer()
-    original = stage.train_and_save
-
-    def timed(trainer, resume, **kwargs):
-        trainer.add_callback(timer)
-        return original(trainer, resume, **kwargs)
-
-    stage.train_and_save = timed
+def compare_stages(model: str, steps: int, batch: int, isolate: bool = True) -> list[dict]:
+    """One row per configuration: step time and peak memory, also as multiples of SFT's."""
+    rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        data = sft_data_flags(Path(tmp)) if name == "sft" else ["--train_file_dir", "data/preference/train"]
-        stage.main(["--model_name_or_path", model, "--output_dir", tmp, *data, *flags,
-                    "--max_steps", str(steps), "--per_device_train_batch_size", str(batch), "--lora_rank", "8",
-                    "--report_to", "none", "--save_strategy", "no", "--disable_tqdm", "True",
-                    "--logging_steps", "1000"])
-    measured = timer.times[1:] or timer.times  # the first step pays one-off costs
-    return {"config": name, "step_seconds": statistics.median(measured), "peak_memory_mb": peak_memory_mb()}
+        write_same_data(Path(tmp))
+        for name, (stage, flags) in CONFIGS.items():
+            flags = [flag.replace("{dir}", tmp) for flag in flags]
+            run = run_stage(stage, ["--model_name_or_path", model, "--max_steps", str(steps), "--lora_rank", "8",
+                                    "--per_device_train_batch_size", str(batch), *flags],
+                            Path(tmp) / name, isolate)
+            rows.append({"config": name, "step_seconds": run["step_seconds"],
+                         "tokens_per_step": run["tokens"] / max(run["steps"] - 1, 1),
+                         "peak_mb": run["peak_mb"], "train_peak_mb": run["train_peak_mb"]})
+    sft = rows[0]
+    for row in rows:
+        row["step_vs_sft"] = row["step_seconds"] / sft["step_seconds"]
+        row["peak_vs_sft"] = row["peak_mb"] / sft["peak_mb"]
+        row["train_peak_vs_sft"] = row["train_peak_mb"] / sft["train_peak_mb"] if sft["train_peak_mb"] else None
+    return rows
 
 
-def measure_in_subprocess(name: str, model: str, steps: int, batch: int) -> dict:
-    with tempfile.NamedTemporaryFile(suffix=".json") as out:
-        subprocess.run([sys.executable, __file__, "--worker", name, "--model", model, "--steps", str(steps),
-                        "--batch", str(batch), "--worker_output", out.name], check=True, cwd=REPO,
-                       stdout=subprocess.DEVNULL)
-        return json.loads(Path(out.name).read_text())
-
-
-def report(rows: list[dict], setup: dict) -> str:
-    sft = next(r for r in rows if r["config"] == "sft")
-    lines = ["| configuration | step time (s) | × SFT | peak memory (MB) | × SFT |", "|---|---|---|---|---|"]
+def table(rows: list[dict]) -> str:
+    lines = ["| configuration | step (s) | × SFT | tokens/step | peak RSS (MB) | × SFT | training peak (MB) | × SFT |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['config']} | {r['step_seconds']:.3f} | {r['step_seconds'] / sft['step_seconds']:.2f} | "
-                     f"{r['peak_memory_mb']:.0f} | {r['peak_memory_mb'] / sft['peak_memory_mb']:.2f} |")
-    return f"{json.dumps(setup)}\n" + "\n".join(lines)
+        train_ratio = f"{r['train_peak_vs_sft']:.2f}" if r["train_peak_vs_sft"] is not None else "-"
+        lines.append(f"| {r['config']} | {r['step_seconds']:.3f} | {r['step_vs_sft']:.2f} | {r['tokens_per_step']:.0f} "
+                     f"| {r['peak_mb']:.0f} | {r['peak_vs_sft']:.2f} | {r['train_peak_mb'] or 0:.0f} | {train_ratio} |")
+    return "\n".join(lines)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                      allow_abbrev=False)
     parser.add_argument("--size", choices=["tiny", "default", "large"], default="large")
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--quick", action="store_true", help="tiny model, 2 steps")
-    parser.add_argument("--model", help=argparse.SUPPRESS)
-    parser.add_argument("--worker", choices=sorted(CONFIGS), help=argparse.SUPPRESS)
-    parser.add_argument("--worker_output", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.worker:
-        Path(args.worker_output).write_text(json.dumps(run_config(args.worker, args.model, args.steps, args.batch)))
-        return
-    from medicalgpt.default_model import build_default_model
-
-    size, steps = ("tiny", 2) if args.quick else (args.size, args.steps)
-    model = str(build_default_model(REPO / "models" / f"benchmark-{size}", size=size))
-    rows = [measure_in_subprocess(name, model, steps, args.batch) for name in CONFIGS]
-    setup = {"model_size": size, "steps": steps, "batch": args.batch, "lora_rank": 8,
-             "device": "cuda" if torch.cuda.is_available() else "cpu", "threads": torch.get_num_threads()}
-    print(report(rows, setup))
-    results = REPO / "benchmarks" / "results"
-    results.mkdir(exist_ok=True)
-    (results / "preference.json").write_text(json.dumps({"setup": setup, "rows": rows}, indent=2))
+    parser.add_argument("--quick", action="store_true", help="tiny model, 3 steps, in this process")
+    parser.add_argument("--output_file", default=str(REPO / "benchmarks/results/preference.json"))
+    args = parser.parse_args(argv)
+    size, steps = ("tiny", 3) if args.quick else (args.size, args.steps)
+    model = ensure_default_model(REPO / "models" / f"benchmark-{size}", size)
+    rows = compare_stages(model, steps, args.batch, isolate=not args.quick)
+    print(table(rows))
+    result = {"setup": {"model_size": size, "steps": steps, "batch": args.batch, "lora_rank": 8}, "rows": rows}
+    Path(args.output_file).write_text(json.dumps(result, indent=2) + "\n")
+    return result
 
 
 if __name__ == "__main__":

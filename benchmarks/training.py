@@ -1,0 +1,174 @@
+"""Train one stage for a few steps through its own script's main(), in a fresh process, and measure it.
+
+The stage runs exactly as from the command line (our processors, collators and the TRL trainer); the only
+additions are a callback that times every optimizer step and a forward pre-hook that counts the tokens of each
+batch the model is actually fed: total (the padded batch), real (not padding) and useful (carrying loss).
+Each run is its own process, so its peak memory (resident set on a CPU, allocated CUDA memory on a GPU) is its own.
+
+    python -m benchmarks.training supervised_finetuning OUT.json -- --max_steps 8 --packing True ...
+"""
+
+import importlib
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import torch
+from transformers import TrainerCallback
+
+from medicalgpt.memory import PeakMemory  # torch only: also imported by the LLaMA-Factory driver, in its own venv
+
+IGNORE_INDEX = -100  # the label of positions without loss, in transformers, TRL and LLaMA-Factory alike
+
+REPO = Path(__file__).resolve().parents[1]
+# Flags every benchmark run shares: no logging integrations, checkpoints, progress bars or evaluation.
+QUIET = ["--report_to", "none", "--save_strategy", "no", "--disable_tqdm", "True", "--logging_steps", "1000",
+         "--validation_split_percentage", "0", "--dataloader_num_workers", "0", "--seed", "42"]
+
+
+def batch_tokens(inputs: dict) -> tuple[int, int, int]:
+    """(total, real, useful) tokens of one causal-LM batch: padded size, non-padding, loss-bearing."""
+    input_ids = inputs.get("input_ids")
+    if input_ids is None:  # TRL's reward trainer names its inputs per side
+        return 0, 0, 0
+    total = input_ids.numel()
+    if inputs.get("attention_mask") is not None:
+        real = int(inputs["attention_mask"].sum())
+    elif inputs.get("position_ids") is not None:
+        # Packed rows, right-padded with position 0: a row's real tokens end at its last non-zero position.
+        nonzero = inputs["position_ids"] != 0
+        last = nonzero.shape[-1] - 1 - nonzero.flip(-1).int().argmax(-1)
+        real = int((last + 1).sum())
+    else:
+        real = total
+    labels = inputs.get("labels")
+    # The loss shifts labels by one: position t's label is predicted from position t - 1, so column 0 never counts.
+    useful = int((labels[..., 1:] != IGNORE_INDEX).sum()) if labels is not None and labels.dim() == 2 else 0
+    return total, real, useful
+
+
+def op_category(name: str) -> str:
+    if "scaled_dot_product" in name or "attention" in name:
+        return "attention"
+    if name.split("::")[-1] in {"mm", "addmm", "addmm_", "bmm", "baddbmm", "matmul", "linear"}:
+        return "matmul"
+    return "optimizer" if "adam" in name else "elementwise and other"
+
+
+def profile_summary(profiler) -> dict:
+    """Share of CPU time by kind of operation, and the ten most expensive operations."""
+    events = [e for e in profiler.key_averages() if e.key.startswith("aten::")]
+    total = sum(e.self_cpu_time_total for e in events)
+    shares = Counter()
+    for event in events:
+        shares[op_category(event.key)] += event.self_cpu_time_total / total
+    top = sorted(events, key=lambda e: -e.self_cpu_time_total)[:10]
+    return {"seconds": total / 1e6, "share": {k: round(v, 3) for k, v in shares.most_common()},
+            "top_ops": [{"op": e.key, "calls": e.count, "share": round(e.self_cpu_time_total / total, 3)}
+                        for e in top]}
+
+
+class Meter(TrainerCallback):
+    """Per-step wall time and tokens, and the peak memory of training alone; optionally a profile of steps 2-3."""
+
+    def __init__(self, profile: bool = False):
+        self.tokens = [0, 0, 0]
+        self.steps: list[tuple[float, list[int]]] = []  # (time at the end of the step, cumulative tokens)
+        self.profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) if profile else None
+        self.profile = None
+
+    def count(self, module, args, kwargs) -> None:
+        if module.training and torch.is_grad_enabled():  # not the reference model's or evaluation's forwards
+            self.tokens = [a + b for a, b in zip(self.tokens, batch_tokens(kwargs), strict=True)]
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        model.register_forward_pre_hook(self.count, with_kwargs=True)
+        self.peak = PeakMemory().__enter__()
+        self.start = time.perf_counter()
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if self.profiler and state.global_step == 1:
+            self.profiler.__enter__()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.steps.append((time.perf_counter(), list(self.tokens)))
+        if self.profiler and state.global_step == 3:
+            self.profiler.__exit__(None, None, None)
+            self.profile = profile_summary(self.profiler)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.peak.__exit__(None, None, None)
+
+    def result(self) -> dict:
+        """Throughput over every step but the first, which pays one-off costs (kernel selection, allocations)."""
+        first_time, first_tokens = self.steps[0] if len(self.steps) > 1 else (self.start, [0, 0, 0])
+        last_time, last_tokens = self.steps[-1]
+        seconds = last_time - first_time
+        total, real, useful = (last - first for last, first in zip(last_tokens, first_tokens, strict=True))
+        times = [self.start] + [t for t, _ in self.steps]
+        return {"steps": len(self.steps), "seconds": seconds, "tokens": total, "real_tokens": real,
+                "useful_tokens": useful,
+                "step_seconds": statistics.median(b - a for a, b in zip(times[1:-1], times[2:], strict=True))
+                if len(times) > 2 else times[-1] - times[0],
+                "tokens_per_s": total / seconds, "useful_tokens_per_s": useful / seconds,
+                "packing_efficiency": real / total if total else None,
+                "train_peak_mb": self.peak.bytes / 2**20 if self.peak.bytes is not None else None,
+                **({"profile": self.profile} if self.profile else {})}
+
+
+def peak_process_mb() -> float:
+    """Peak allocated CUDA memory on a GPU; the process's peak resident set on a CPU."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports kB
+
+
+def train_in_process(stage: str, flags: list[str], profile: bool = False) -> dict:
+    """Run `stage`'s main(flags) with the meter attached; its measurements and parameter counts."""
+    module = importlib.import_module(stage)
+    meter, trained = Meter(profile), {}
+    original = module.train_and_save
+
+    def measured(trainer, resume, **kwargs):
+        trainer.add_callback(meter)
+        model = trainer.model
+        trained["parameters"] = model.num_parameters()
+        trained["trainable_parameters"] = model.num_parameters(only_trainable=True)
+        return original(trainer, resume, **kwargs)
+
+    module.train_and_save = measured
+    try:
+        module.main(flags)
+    finally:
+        module.train_and_save = original
+    return {**meter.result(), **trained, "peak_mb": peak_process_mb()}
+
+
+def run_stage(stage: str, flags: list[str], output_dir: Path, isolate: bool = True, profile: bool = False) -> dict:
+    """Train `stage` with `flags` and measure it: in a fresh Python process when isolate (so the peak memory is this
+    run's own), else in this one (a smoke run: no start-up cost, but the peak is the whole process's)."""
+    flags = ["--output_dir", str(output_dir), *QUIET, *flags]
+    if not isolate:
+        return {**train_in_process(stage, flags, profile), "isolated": False}
+    out = Path(output_dir) / "measurement.json"
+    command = [sys.executable, "-m", "benchmarks.training", stage, str(out), *(["--profile"] if profile else []),
+               "--", *flags]
+    run = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
+    if run.returncode != 0:
+        raise RuntimeError(f"{stage} {' '.join(flags)} failed:\n{run.stdout[-2000:]}\n{run.stderr[-4000:]}")
+    return {**json.loads(out.read_text()), "isolated": True}
+
+
+def main() -> None:
+    stage, out, *options = sys.argv[1:sys.argv.index("--")]
+    flags = sys.argv[sys.argv.index("--") + 1:]
+    Path(out).write_text(json.dumps(train_in_process(stage, flags, profile="--profile" in options)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,78 @@
+"""The benchmark suite's quick run: every section runs and writes sane numbers (no timing assertions)."""
+
+import json
+
+import pytest
+import torch
+
+from benchmarks import gpu, llamafactory, run
+from benchmarks.training import batch_tokens
+
+
+def test_batch_tokens_counts_padding_and_loss_tokens():
+    padded = {"input_ids": torch.zeros(2, 4, dtype=torch.long), "attention_mask": torch.tensor([[1, 1, 1, 0],
+                                                                                                [1, 1, 1, 1]]),
+              "labels": torch.tensor([[-100, 5, 6, -100], [7, -100, 8, 9]])}
+    assert batch_tokens(padded) == (8, 7, 4)  # column 0 is never predicted
+    # Packed rows: position ids restart per sample; right padding has position 0.
+    packed = {"input_ids": torch.zeros(2, 5, dtype=torch.long),
+              "position_ids": torch.tensor([[0, 1, 0, 1, 2], [0, 1, 2, 0, 0]]),
+              "labels": torch.tensor([[-100, 1, -100, 1, 1], [-100, -100, 1, -100, -100]])}
+    assert batch_tokens(packed) == (10, 8, 4)
+
+
+def test_quick_cpu_suite(tmp_path):
+    result = run.main(["--suite", "cpu", "--quick", "--output_file", str(tmp_path / "cpu.json")])
+    assert json.loads((tmp_path / "cpu.json").read_text()) == json.loads(json.dumps(result))
+
+    rows = result["sft"]["rows"]
+    assert [(r["method"], r["packing"]) for r in rows] == [("lora", False), ("lora", True), ("full", False),
+                                                           ("full", True)]
+    for r in rows:
+        assert 0 < r["packing_efficiency"] <= 1 and r["tokens_per_s"] > 0 and r["peak_mb"] > 0
+        assert 0 < r["useful_tokens"] <= r["real_tokens"] <= r["tokens"]
+    assert rows[1]["packing_efficiency"] > rows[0]["packing_efficiency"]
+    assert rows[0]["trainable_parameters"] < rows[2]["trainable_parameters"] == rows[2]["parameters"]
+
+    mfu = result["mfu"]
+    assert mfu["matmul_peak_gflops"] > 0 and all(0 < r["mfu"] for r in mfu["rows"])
+    assert sum(mfu["profile"]["share"].values()) == pytest.approx(1, abs=0.01)
+
+    stages = {r["config"]: r for r in result["stages"]["rows"]}
+    assert set(stages) == {"sft", "pt", "dpo", "dpo_precomputed_ref", "rm"}
+    assert stages["sft"]["step_vs_sft"] == 1 and all(r["step_seconds"] > 0 for r in stages.values())
+
+    assert result["preprocessing"]["records"] == 999 and result["preprocessing"]["records_per_s"] > 0
+    assert [r["batch_size"] for r in result["generation"]["rows"]] == [1, 4]
+    assert all("met" in t for section in ("sft", "mfu", "stages", "generation")
+               for t in result[section]["targets"].values())
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on machines without CUDA")
+def test_gpu_suite_fails_fast_without_cuda(tmp_path):
+    with pytest.raises(SystemExit, match="needs a CUDA GPU"):
+        run.main(["--suite", "gpu", "--output_file", str(tmp_path / "gpu.json")])
+    assert not (tmp_path / "gpu.json").exists()
+
+
+def test_gpu_suite_shapes_build(tmp_path):
+    config = {**gpu.CONFIGS["Qwen2.5-0.5B"], "num_hidden_layers": 1, "vocab_size": 8192}
+    path = gpu.write_random_model(config, tmp_path / "model")
+    saved = json.loads((tmp_path / "model" / "config.json").read_text())
+    assert (saved["hidden_size"], saved["num_key_value_heads"], saved["dtype"]) == (896, 2, "bfloat16")
+    assert (tmp_path / "model" / "tokenizer.json").exists() and path.endswith("model")
+
+
+def test_llamafactory_gets_our_settings(tmp_path):
+    settings = llamafactory.settings(steps=5, packing=True)
+    theirs = llamafactory.their_config("m", tmp_path, tmp_path / "out", settings)
+    ours = llamafactory.our_flags("m", settings)
+    flag = dict(zip(ours[::2], ours[1::2], strict=True))
+    pairs = [("cutoff_len", "--max_length"), ("per_device_train_batch_size", "--per_device_train_batch_size"),
+             ("lora_rank", "--lora_rank"), ("lora_alpha", "--lora_alpha"), ("lora_dropout", "--lora_dropout"),
+             ("learning_rate", "--learning_rate"), ("max_steps", "--max_steps"), ("neat_packing", "--packing")]
+    assert all(str(theirs[key]) == flag[ours_key] for key, ours_key in pairs)
+    assert theirs["bf16"] is theirs["fp16"] is False
+    llamafactory.write_dataset(tmp_path)
+    info = json.loads((tmp_path / "dataset_info.json").read_text())
+    assert sum(1 for _ in (tmp_path / info["medical_sft"]["file_name"]).open()) == 1200
