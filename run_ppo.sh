@@ -22,14 +22,14 @@ VALUE_MODEL=${VALUE_MODEL:-head}           # head (on the policy) or critic (ini
 
 if [ -z "$SFT_MODEL" ]; then
     echo "==> SFT"
-    MODEL=$MODEL OUTPUT=$OUT/sft TEMPLATE=$TEMPLATE bash run_sft.sh
+    MODEL=$MODEL OUTPUT=$OUT/sft TEMPLATE=$TEMPLATE bash run_sft.sh --resume_from_checkpoint auto
     echo "==> Merge the SFT adapter"
     python merge_peft_adapter.py ${MODEL:+--base_model "$MODEL"} --lora_model "$OUT/sft" --output_dir "$OUT/sft-merged"
     SFT_MODEL=$OUT/sft-merged
 fi
 
 echo "==> Reward model"
-MODEL=$SFT_MODEL OUTPUT=$OUT/rm TEMPLATE=$TEMPLATE bash run_rm.sh
+MODEL=$SFT_MODEL OUTPUT=$OUT/rm TEMPLATE=$TEMPLATE bash run_rm.sh --resume_from_checkpoint auto
 
 echo "==> PPO"
 python ppo_training.py --model_name_or_path "$SFT_MODEL" ${TEMPLATE:+--template_name "$TEMPLATE"} \

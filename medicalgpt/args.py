@@ -5,7 +5,8 @@ A stage combines these dataclasses with its trainer's config (TrainingArguments,
     model_args, lora_args, data_args, training_args = parse_args(
         (ModelArguments, LoraArguments, SFTDataArguments, SFTConfig), defaults={"output_dir": "outputs-sft"})
 
-Unknown or abbreviated flags are errors, and so are unknown keys in a config file.
+Unknown or abbreviated flags are errors, and so are unknown keys in a config file; a config's own checks
+(TrainingArguments.__post_init__) become one-line usage errors.
 """
 
 import json
@@ -16,6 +17,8 @@ from typing import Any
 
 import yaml
 from transformers import HfArgumentParser
+
+from medicalgpt.errors import UsageError
 
 
 @dataclass
@@ -98,6 +101,16 @@ class PreferenceDataArguments(ChatDataArguments):
         "help": "Drop examples with an answer (chosen, rejected or completion) longer than this, in tokens."})
 
 
+@dataclass
+class RunArguments:
+    """Flags of every training stage: parse_args accepts them wherever a group has resume_from_checkpoint (the
+    trainer's config, PPO's arguments) and sets them on that group. transformers 5 dropped
+    TrainingArguments.overwrite_output_dir."""
+    overwrite_output_dir: bool = field(default=False, metadata={
+        "help": "Delete the checkpoint-* directories an earlier run left in --output_dir; without it (or "
+                "--resume_from_checkpoint) a stage refuses to start there."})
+
+
 def _config_file_defaults(path: str, parser: HfArgumentParser) -> dict[str, Any]:
     """Values from a JSON/YAML config file; unknown keys are errors."""
     text = Path(path).read_text(encoding="utf-8")
@@ -119,8 +132,10 @@ def parse_args(dataclass_types: tuple[type, ...], args: list[str] | None = None,
     """
     # conflict_handler: a field defined twice (trust_remote_code in ours and in TRL's configs) becomes one flag
     # whose value fills both dataclasses.
-    parser = HfArgumentParser(dataclass_types, allow_abbrev=False, conflict_handler="resolve")
-    known = {f.name for dataclass_type in dataclass_types for f in fields(dataclass_type)}
+    training = [t for t in dataclass_types if "resume_from_checkpoint" in {f.name for f in fields(t)}]
+    parsed_types = (*dataclass_types, RunArguments) if training else dataclass_types
+    parser = HfArgumentParser(parsed_types, allow_abbrev=False, conflict_handler="resolve")
+    known = {f.name for dataclass_type in parsed_types for f in fields(dataclass_type)}
     parser.set_defaults(**{k: v for k, v in (defaults or {}).items() if k in known})
     argv = list(sys.argv[1:] if args is None else args)
     if argv and argv[0].endswith((".json", ".yaml", ".yml")):
@@ -129,8 +144,16 @@ def parse_args(dataclass_types: tuple[type, ...], args: list[str] | None = None,
     if remaining:
         parser.error(f"unrecognized arguments: {' '.join(remaining)}")
     values = vars(namespace)
-    return tuple(dataclass_type(**{f.name: values[f.name] for f in fields(dataclass_type) if f.init})
-                 for dataclass_type in dataclass_types)
+    try:
+        groups = tuple(dataclass_type(**{f.name: values[f.name] for f in fields(dataclass_type) if f.init})
+                       for dataclass_type in dataclass_types)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    for group in groups:
+        if type(group) in training:
+            for f in fields(RunArguments):
+                setattr(group, f.name, values[f.name])
+    return groups
 
 
 def flag_reference(dataclass_type: type) -> str:
@@ -147,7 +170,7 @@ def flag_reference(dataclass_type: type) -> str:
 def flag_reference_markdown() -> str:
     """The flag reference of every shared argument group, as the README shows it."""
     groups = (ModelArguments, LoraArguments, DataArguments, PretrainDataArguments, ChatDataArguments,
-              SFTDataArguments, PreferenceDataArguments)
+              SFTDataArguments, PreferenceDataArguments, RunArguments)
     return "\n\n".join(f"#### {group.__name__}\n\n{flag_reference(group)}" for group in groups)
 
 

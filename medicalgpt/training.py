@@ -1,15 +1,21 @@
 """What every training stage does around its trainer: set-up, resume, train, evaluate, save, plot."""
 
+import json
 import logging
 import math
 import os
+import platform
+import shutil
+import signal
 import sys
+import threading
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 import transformers
 from transformers import Trainer, TrainerCallback, set_seed
-from transformers.trainer_utils import get_last_checkpoint
+from transformers.trainer_utils import sort_checkpoints
 
 from medicalgpt.data import build_preference_splits, load_splits, to_preference
 from medicalgpt.errors import UsageError
@@ -28,25 +34,110 @@ def setup_logging(training_args) -> None:
     transformers.utils.logging.set_verbosity(training_args.get_process_log_level())
 
 
+# What Trainer._save_checkpoint writes, trainer_state.json last; LoRA, FSDP and DeepSpeed name the weights and the
+# optimizer differently (adapter_model.*, pytorch_model_fsdp_*, optimizer_*, global_step*/).
+CHECKPOINT_PARTS = {
+    "weights": ("model*.safetensors", "adapter_model.*", "pytorch_model*", "global_step*"),
+    "optimizer": ("optimizer*", "global_step*"),
+    "scheduler": ("scheduler.pt", "global_step*"),
+    "RNG state": ("rng_state*.pth",),
+}
+
+
+def missing_checkpoint_parts(path: str | Path) -> list[str]:
+    """What a checkpoint directory lacks to resume from; [] when it is complete."""
+    path = Path(path)
+    missing = [part for part, patterns in CHECKPOINT_PARTS.items()
+               if not any(next(path.glob(pattern), None) for pattern in patterns)]
+    try:  # written last: if it parses, the process got past everything else
+        json.loads((path / "trainer_state.json").read_text())
+    except (OSError, ValueError):
+        missing.append("trainer_state.json")
+    return missing
+
+
+def last_complete_checkpoint(output_dir: str) -> str | None:
+    """The latest checkpoint-N that holds everything a resume needs.
+
+    The Trainer writes checkpoints in place and get_last_checkpoint takes the highest step, so a run killed while
+    saving would resume from a half-written checkpoint: skip those (and say so).
+    """
+    for checkpoint in reversed(sort_checkpoints(output_dir)):
+        missing = missing_checkpoint_parts(checkpoint)
+        if not missing:
+            return checkpoint
+        logger.warning("Skipping incomplete %s (no %s)", checkpoint, ", ".join(missing))
+    return None
+
+
+def claim_output_dir(output_dir: str, overwrite: bool, main_process: bool = True) -> None:
+    """A fresh run must not share output_dir with another run's checkpoints: `auto` would later resume theirs.
+
+    overwrite (--overwrite_output_dir) deletes them instead, on the main process.
+    """
+    found = sort_checkpoints(output_dir)
+    if not found:
+        return
+    if not overwrite:
+        raise UsageError(f"{output_dir} holds checkpoints of an earlier run ({Path(found[-1]).name}): pass "
+                         "--resume_from_checkpoint auto to continue it, --overwrite_output_dir True to delete them, "
+                         "or another --output_dir")
+    if main_process:
+        logger.warning("--overwrite_output_dir: deleting %s", ", ".join(Path(path).name for path in found))
+        for path in found:
+            shutil.rmtree(path)
+
+
 def resolve_resume_checkpoint(training_args) -> str | None:
-    """--resume_from_checkpoint: a path, or 'auto' for the latest checkpoint in output_dir (None if there is none)."""
+    """--resume_from_checkpoint: a path, or 'auto' for the latest complete checkpoint in output_dir (None if none).
+
+    Without it, output_dir must hold no checkpoints of another run (see claim_output_dir).
+    """
     resume = training_args.resume_from_checkpoint
     if resume is None:
+        claim_output_dir(training_args.output_dir, training_args.overwrite_output_dir, training_args.should_save)
         return None
+    if training_args.overwrite_output_dir:
+        raise UsageError("--overwrite_output_dir deletes the checkpoints --resume_from_checkpoint continues from: "
+                         "pass one of them")
     if resume == "auto":
-        last = get_last_checkpoint(training_args.output_dir) if os.path.isdir(training_args.output_dir) else None
+        last = last_complete_checkpoint(training_args.output_dir)
         logger.info("Resuming from %s", last or "scratch (no checkpoint in output_dir yet)")
         return last
     if not os.path.isdir(resume):
         raise UsageError(f"--resume_from_checkpoint {resume}: no such checkpoint directory")
+    missing = missing_checkpoint_parts(resume)
+    if missing:
+        raise UsageError(f"--resume_from_checkpoint {resume}: incomplete checkpoint (no {', '.join(missing)})")
     return resume
 
 
+def cpu_has_native_bf16() -> bool:
+    """x86 CPUs compute bfloat16 natively only with AVX512-BF16 or AMX; other CPUs (ARM) are not second-guessed."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return True
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
+def check_precision(training_args) -> None:
+    """Mixed precision the device cannot do, refused before any loading instead of failing or crawling later."""
+    if training_args.device.type != "cpu":
+        return
+    if training_args.fp16:
+        raise UsageError("--fp16 needs a GPU; on CPU train in float32 (the default), or --bf16 on a CPU with "
+                         "native bfloat16")
+    if training_args.bf16 and not cpu_has_native_bf16():
+        raise UsageError("--bf16: this CPU has no native bfloat16 (AVX512-BF16 or AMX), and emulated bfloat16 is "
+                         "several times slower than float32: drop --bf16")
+
+
 def prepare_run(training_args) -> str | None:
-    """Logging and seeding; returns the checkpoint to resume from."""
+    """Logging, argument checks and seeding; returns the checkpoint to resume from."""
     setup_logging(training_args)
+    check_precision(training_args)
+    resume = resolve_resume_checkpoint(training_args)
     set_seed(training_args.seed)
-    return resolve_resume_checkpoint(training_args)
+    return resume
 
 
 def write_loss_plot(args, state) -> None:
@@ -62,6 +153,57 @@ class LossPlotCallback(TrainerCallback):
         write_loss_plot(args, state)
 
 
+class StopOnSignal(TrainerCallback):
+    """SIGINT (Ctrl-C) or SIGTERM: finish the current optimizer step, save a checkpoint and stop.
+
+    Use as a context manager around the training loop (main thread only: Python delivers signals there). The first
+    signal only sets a flag; a second one acts as before (Ctrl-C twice aborts at once).
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.received = 0  # the signal number, 0 = none
+        self.stopped_at: int | None = None
+        self._previous = {}
+
+    def __enter__(self) -> "StopOnSignal":
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {signum: signal.signal(signum, self._handle) for signum in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._restore()
+
+    def _handle(self, signum, frame) -> None:
+        self.received = signum
+        self._restore()
+
+    def _restore(self) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous = {}
+
+    def requested(self, device: torch.device | str = "cpu") -> bool:
+        """Whether any process got a signal; every process must call this at the same step, so all stop together."""
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            received = torch.tensor(self.received, device=device)
+            torch.distributed.all_reduce(received, op=torch.distributed.ReduceOp.MAX)
+            self.received = int(received.item())
+        return self.received != 0
+
+    def exit(self, checkpoint: str | Path) -> NoReturn:
+        """Exit with 128 + the signal number, the shell's code for "killed by it", so that scripts stop here."""
+        logger.warning("Stopped by %s; saved %s. Continue with --resume_from_checkpoint auto",
+                       signal.Signals(self.received).name, checkpoint)
+        raise SystemExit(128 + self.received)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.requested(args.device) and state.global_step < state.max_steps:  # on the last step: just finish
+            control.should_save = control.should_training_stop = True
+            self.stopped_at = state.global_step
+
+
 def with_perplexity(metrics: dict, prefix: str) -> dict:
     """Add <prefix>_perplexity = exp(<prefix>_loss) (the loss is the mean token-level negative log-likelihood)."""
     loss = metrics.get(f"{prefix}_loss")
@@ -74,9 +216,15 @@ def train_and_save(trainer: Trainer, resume_from_checkpoint: str | None, report_
     """Train, save model/adapter + tokenizer, evaluate on validation, write metrics and loss.png.
 
     report_perplexity: the eval loss is a token-level NLL (PT, SFT), so exp(loss) is the perplexity.
+    SIGINT/SIGTERM save a checkpoint at the next step boundary and exit (see StopOnSignal).
     """
+    stop = StopOnSignal()
     trainer.add_callback(LossPlotCallback())
-    result = trainer.train(resume_from_checkpoint=resume_from_checkpoint)
+    trainer.add_callback(stop)
+    with stop:
+        result = trainer.train(resume_from_checkpoint=resume_from_checkpoint)
+    if stop.stopped_at is not None:
+        stop.exit(Path(trainer.args.output_dir) / f"checkpoint-{stop.stopped_at}")
     trainer.save_model()
     trainer.log_metrics("train", result.metrics)
     trainer.save_metrics("train", result.metrics)
