@@ -47,14 +47,10 @@ class RewardArguments:
 
 
 def parse_grpo_args(argv: list[str] | None) -> tuple:
-    """Our argument groups and GRPOConfig; GRPOConfig's own checks (batch divisible by --num_generations, ...)
-    become one-line usage errors."""
-    try:
-        return parse_args(
-            (ModelArguments, LoraArguments, ChatDataArguments, GRPOConfig, RewardArguments), argv,
-            defaults={**STAGE_DEFAULTS, "output_dir": "outputs-grpo", "learning_rate": 1e-5})
-    except ValueError as error:
-        raise UsageError(str(error)) from None
+    """Our argument groups and GRPOConfig (its own checks, e.g. batch divisible by --num_generations, come out
+    as one-line usage errors from parse_args)."""
+    return parse_args((ModelArguments, LoraArguments, ChatDataArguments, GRPOConfig, RewardArguments), argv,
+                      defaults={**STAGE_DEFAULTS, "output_dir": "outputs-grpo", "learning_rate": 1e-5})
 
 
 def check_vllm(training_args: GRPOConfig) -> None:

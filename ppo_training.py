@@ -39,7 +39,7 @@ from medicalgpt.modeling import (
     set_stop_tokens,
 )
 from medicalgpt.plotting import plot_loss
-from medicalgpt.training import load_chat_inputs
+from medicalgpt.training import StopOnSignal, claim_output_dir, load_chat_inputs
 
 logger = logging.getLogger("medicalgpt.ppo")
 
@@ -427,9 +427,8 @@ def main(argv: list[str] | None = None) -> dict:
     resume = args.resume_from_checkpoint
     if resume == "auto":
         resume = latest_checkpoint(args.output_dir)
-    elif resume is None and latest_checkpoint(args.output_dir):
-        raise UsageError(f"{args.output_dir} holds checkpoints of an earlier run: pass --resume_from_checkpoint auto "
-                         "to continue it, or another --output_dir")
+    elif resume is None:
+        claim_output_dir(args.output_dir, args.overwrite_output_dir)
     reward_model = load_reward_model(args.reward_model, model_args) if args.reward_model else None
     reward_fns = []
     if args.reward_funcs:
@@ -446,16 +445,22 @@ def main(argv: list[str] | None = None) -> dict:
     run_log = RunLog(args.output_dir, args.report_to, state["history"])
 
     # Dropout stays off (eval mode) throughout, so rollout and update log-probs agree: the first ratio is exactly 1.
-    for step in tqdm(range(state["step"], args.max_steps), desc="PPO", initial=state["step"], total=args.max_steps):
-        chosen = batch_indices(step, args.batch_size, len(prompts), args.seed)
-        batch = rollout(actor, tokenizer, [prompts[i] for i in chosen], args)
-        scores = score(batch, reward_model, reward_fns, [references[i] for i in chosen], args, tokenizer.pad_token_id)
-        metrics = ppo_step(actor, ref_model, optimizer, kl_control, batch, scores, args)
-        if (step + 1) % args.logging_steps == 0:
-            run_log.log(step + 1, metrics)
-        if (step + 1) % args.save_steps == 0 or step + 1 == args.max_steps:
-            save_checkpoint(Path(args.output_dir) / f"checkpoint-{step + 1}", actor, optimizer, tokenizer,
-                            {"step": step + 1, "kl_coef": kl_control.value, "history": run_log.history})
+    with StopOnSignal() as stop:  # SIGINT/SIGTERM: save a checkpoint after this step and exit
+        for step in tqdm(range(state["step"], args.max_steps), desc="PPO", initial=state["step"], total=args.max_steps):
+            chosen = batch_indices(step, args.batch_size, len(prompts), args.seed)
+            batch = rollout(actor, tokenizer, [prompts[i] for i in chosen], args)
+            scores = score(batch, reward_model, reward_fns, [references[i] for i in chosen], args,
+                           tokenizer.pad_token_id)
+            metrics = ppo_step(actor, ref_model, optimizer, kl_control, batch, scores, args)
+            if (step + 1) % args.logging_steps == 0:
+                run_log.log(step + 1, metrics)
+            checkpoint = Path(args.output_dir) / f"checkpoint-{step + 1}"
+            stopping = stop.requested() and step + 1 < args.max_steps
+            if (step + 1) % args.save_steps == 0 or step + 1 == args.max_steps or stopping:
+                save_checkpoint(checkpoint, actor, optimizer, tokenizer,
+                                {"step": step + 1, "kl_coef": kl_control.value, "history": run_log.history})
+            if stopping:
+                stop.exit(checkpoint)
 
     actor.policy.save_pretrained(args.output_dir)
     tokenizer.save_pretrained(args.output_dir)

@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 from transformers import HfArgumentParser
 
+from medicalgpt.distributed import check_deepspeed
 from medicalgpt.errors import UsageError
 
 
@@ -144,6 +145,7 @@ def parse_args(dataclass_types: tuple[type, ...], args: list[str] | None = None,
     if remaining:
         parser.error(f"unrecognized arguments: {' '.join(remaining)}")
     values = vars(namespace)
+    check_deepspeed(values.get("deepspeed"))
     try:
         groups = tuple(dataclass_type(**{f.name: values[f.name] for f in fields(dataclass_type) if f.init})
                        for dataclass_type in dataclass_types)

@@ -247,6 +247,8 @@ STAGE_DEFAULTS = {
     "bf16": torch.cuda.is_available() and torch.cuda.is_bf16_supported(),
     "gradient_checkpointing": None,  # TRL defaults it on; None leaves --activation_checkpointing (off) in charge
     "dataloader_pin_memory": torch.cuda.is_available(),
+    # Without it, processes launched by torchrun/accelerate on a CPU-only machine each train alone on all the data.
+    "use_cpu": not torch.accelerator.is_available(),
     "report_to": "tensorboard",
     "logging_steps": 10,
     "save_strategy": "steps",
