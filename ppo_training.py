@@ -418,6 +418,8 @@ def main(argv: list[str] | None = None) -> dict:
     check_model_args(model_args, lora_args)
     if not (args.reward_model or args.reward_funcs):
         raise UsageError("PPO needs a reward: pass --reward_model (from reward_modeling.py) and/or --reward_funcs")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # our loop has no DDP: each rank would train alone on all data
+        raise UsageError("ppo_training.py runs in one process: start it with python, not torchrun/accelerate launch")
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     set_seed(args.seed)
     Path(args.output_dir).mkdir(parents=True, exist_ok=True)

@@ -21,7 +21,7 @@ from trl import SFTConfig
 
 import medicalgpt.args
 import supervised_finetuning
-from medicalgpt.errors import run_cli
+from medicalgpt.errors import UsageError, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
@@ -161,6 +161,14 @@ def test_ppo_refuses_deepspeed_rather_than_ignoring_it(capsys):
     with pytest.raises(SystemExit) as exit_info:
         ppo_training.main(["--deepspeed", str(CONFIGS / "ds_zero2.json")])
     assert exit_info.value.code == 2 and "unrecognized arguments: --deepspeed" in capsys.readouterr().err
+
+
+def test_ppo_refuses_to_run_under_a_launcher(monkeypatch):
+    import ppo_training
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(UsageError, match="runs in one process"):
+        ppo_training.main(["--reward_funcs", "answer_accuracy"])
 
 
 def test_deepspeed_without_the_package_is_a_one_line_error(capsys):
