@@ -11,6 +11,7 @@ torchaudio (imported unconditionally) gets its CUDA-linked libraries moved aside
 """
 
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -85,7 +86,8 @@ def settings(steps: int, packing: bool) -> dict:
 
 
 def their_config(model: str, data: Path, output_dir: Path, s: dict) -> dict:
-    return {"model_name_or_path": model, "stage": "sft", "do_train": True, "finetuning_type": "lora",
+    return {"model_name_or_path": str(Path(model).resolve()), "stage": "sft", "do_train": True,
+            "finetuning_type": "lora",
             "lora_rank": s["lora_rank"], "lora_alpha": s["lora_alpha"], "lora_dropout": s["lora_dropout"],
             "lora_target": "all", "dataset": "medical_sft", "dataset_dir": str(data), "template": "chatml",
             "cutoff_len": s["max_length"], "neat_packing": s["packing"], "packing": s["packing"],
@@ -108,7 +110,8 @@ def run_theirs(config: dict, folder: Path) -> dict:
     python = ensure_venv()
     (folder / "config.yaml").write_text(yaml.safe_dump(config))
     run = subprocess.run([str(python), "-c", DRIVER, str(folder / "config.yaml"), str(folder / "theirs.json"),
-                          str(REPO)], cwd=folder, capture_output=True, text=True)
+                          str(REPO)], cwd=folder, capture_output=True, text=True,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1"})  # a local model: never ask the hub
     if run.returncode != 0:
         raise RuntimeError(f"LLaMA-Factory SFT failed:\n{run.stdout[-2000:]}\n{run.stderr[-4000:]}")
     return json.loads((folder / "theirs.json").read_text())

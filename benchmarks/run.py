@@ -26,10 +26,10 @@ if __package__ in (None, ""):  # `python benchmarks/run.py`: make the repository
 
 import torch  # noqa: E402
 
-from benchmarks import generation, gpu, llamafactory, preference, preprocessing  # noqa: E402
-from benchmarks.training import REPO, run_stage  # noqa: E402
-from medicalgpt.args import ModelArguments  # noqa: E402
-from medicalgpt.default_model import ensure_default_model  # noqa: E402
+# The sections' modules (transformers, TRL, datasets: seconds to import) are imported where used, so that
+# --suite gpu stops at once on a machine without CUDA.
+REPO = Path(__file__).resolve().parents[1]
+NO_CUDA = "--suite gpu needs a CUDA GPU, and torch.cuda.is_available() is False here; run --suite cpu on this machine"
 
 
 @dataclass
@@ -46,6 +46,8 @@ class Plan:
         return self.sizes[-1]  # the hidden-512 model in a full run
 
     def model(self, size: str) -> str:
+        from medicalgpt.default_model import ensure_default_model
+
         return ensure_default_model(REPO / "models" / f"benchmark-{size}", size)
 
     def steps(self, packing: bool) -> int:
@@ -63,6 +65,8 @@ def target(value: float, goal: float, at_least: bool = True) -> dict:
 
 
 def run_sft(plan: Plan, workdir: Path, size: str, method: str, packing: bool, profile: bool = False) -> dict:
+    from benchmarks.training import run_stage
+
     flags = ["--model_name_or_path", plan.model(size), "--train_file_dir", str(REPO / "data/sft/train"),
              "--use_peft", str(method == "lora"), "--packing", str(packing), "--max_steps", str(plan.steps(packing)),
              *plan.sft_flags()]
@@ -126,6 +130,8 @@ def mfu_table(section: dict) -> str:
 
 
 def stages_section(plan: Plan, workdir: Path) -> dict:
+    from benchmarks import preference
+
     rows = preference.compare_stages(plan.model(plan.mfu_size), 3 if plan.quick else 8, 8, isolate=not plan.quick)
     dpo = next(r for r in rows if r["config"] == "dpo")
     return {"model_size": plan.mfu_size, "rows": rows, "targets": {"dpo_peak_vs_sft": target(
@@ -133,12 +139,17 @@ def stages_section(plan: Plan, workdir: Path) -> dict:
 
 
 def generation_section(plan: Plan, workdir: Path) -> dict:
+    from benchmarks import generation
+    from medicalgpt.args import ModelArguments
+
     args = generation.BenchmarkArguments(quick=plan.quick, output_file=str(workdir / "generation.json"))
     result = generation.run_benchmark(ModelArguments(model_name_or_path=plan.model(plan.sizes[0])), args)
     return {**result, "targets": {"batch_8_speedup": target(result["rows"][1]["speedup"], 4.0)}}
 
 
 def compare_section(plan: Plan, workdir: Path) -> dict:
+    from benchmarks import llamafactory
+
     rows = llamafactory.compare(plan.model(plan.sizes[0]), {False: plan.steps(False), True: plan.steps(True)})
     return {"rows": rows, "targets": {"useful_speedup": target(max(r["speedup"] for r in rows), 1.5)}}
 
@@ -159,9 +170,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--sections", help="comma-separated subset of: sft,mfu,stages,preprocessing,generation")
     parser.add_argument("--output_file", help="default: benchmarks/results/<suite>.json")
     args = parser.parse_args(argv)
+    if args.suite == "gpu" and not torch.cuda.is_available():
+        raise SystemExit(NO_CUDA)
     plan = Plan(args.quick)
     result = {"suite": args.suite, "quick": args.quick, "machine": machine()}
     if args.suite == "gpu":
+        from benchmarks import gpu
+
         result["rows"] = gpu.run_gpu_suite(args.quick)
         print(gpu.table(result["rows"]))
     else:
@@ -174,6 +189,8 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def run_cpu_suite(plan: Plan, result: dict, args: argparse.Namespace) -> None:
+    from benchmarks import generation, llamafactory, preference, preprocessing
+
     chosen = set(args.sections.split(",")) if args.sections else {"sft", "mfu", "stages", "preprocessing",
                                                                    "generation"}
     if "mfu" in chosen:

@@ -37,8 +37,12 @@ def batch_tokens(inputs: dict) -> tuple[int, int, int]:
     if input_ids is None:  # TRL's reward trainer names its inputs per side
         return 0, 0, 0
     total = input_ids.numel()
-    if inputs.get("attention_mask") is not None:
-        real = int(inputs["attention_mask"].sum())
+    mask = inputs.get("attention_mask")
+    if mask is not None and mask.dim() == 4:  # LLaMA-Factory's neat packing: a (batch, 1, query, key) mask
+        allowed = mask == 0 if mask.is_floating_point() else mask  # additive float, or boolean
+        real = int(allowed.diagonal(dim1=-2, dim2=-1).any(1).sum())  # padding may not even attend to itself
+    elif mask is not None:
+        real = int(mask.count_nonzero())  # 0/1, or LLaMA-Factory's packed-sample numbers (1, 1, 2, 2, 2, 0)
     elif inputs.get("position_ids") is not None:
         # Packed rows, right-padded with position 0: a row's real tokens end at its last non-zero position.
         nonzero = inputs["position_ids"] != 0
@@ -83,7 +87,9 @@ class Meter(TrainerCallback):
         self.profile = None
 
     def count(self, module, args, kwargs) -> None:
-        if module.training and torch.is_grad_enabled():  # not the reference model's or evaluation's forwards
+        # Not the reference model's or evaluation's forwards (no gradients), nor a checkpointed forward re-run
+        # inside backward (graph task id -1: not inside backward).
+        if module.training and torch.is_grad_enabled() and torch._C._current_graph_task_id() == -1:
             self.tokens = [a + b for a, b in zip(self.tokens, batch_tokens(kwargs), strict=True)]
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):

@@ -19,6 +19,10 @@ def test_batch_tokens_counts_padding_and_loss_tokens():
               "position_ids": torch.tensor([[0, 1, 0, 1, 2], [0, 1, 2, 0, 0]]),
               "labels": torch.tensor([[-100, 1, -100, 1, 1], [-100, -100, 1, -100, -100]])}
     assert batch_tokens(packed) == (10, 8, 4)
+    # LLaMA-Factory's neat packing: an additive 4D mask, padding masked even from itself.
+    additive = torch.full((2, 1, 4, 4), torch.finfo(torch.float32).min).triu(1)
+    additive[1, :, 3, :] = torch.finfo(torch.float32).min
+    assert batch_tokens({**padded, "attention_mask": additive}) == (8, 7, 4)
 
 
 def test_quick_cpu_suite(tmp_path):
@@ -76,3 +80,47 @@ def test_llamafactory_gets_our_settings(tmp_path):
     llamafactory.write_dataset(tmp_path)
     info = json.loads((tmp_path / "dataset_info.json").read_text())
     assert sum(1 for _ in (tmp_path / info["medical_sft"]["file_name"]).open()) == 1200
+
+
+def test_dpo_half_batches_give_the_whole_batch_outputs_and_gradients(tiny_model_dir):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+    from trl.trainer.utils import add_fused_lm_head
+
+    from medicalgpt.trainers import _HalfBatches
+
+    def model_with_dropout(dropout: float):
+        torch.manual_seed(0)
+        base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+        add_fused_lm_head(base, outputs=("log_probs", "entropy", "is_top1"))
+        config = LoraConfig(r=4, lora_dropout=dropout, target_modules=["q_proj", "v_proj", "down_proj"],
+                            init_lora_weights=False)
+        return get_peft_model(base, config).train()
+
+    def log_probs_and_grads(model, call):
+        torch.manual_seed(1)
+        log_probs = call(model)
+        (log_probs * weights).sum().backward()
+        return log_probs.detach(), [p.grad.clone() for p in model.parameters() if p.requires_grad]
+
+    ids = torch.randint(3, 200, (4, 12))
+    mask = torch.ones_like(ids)
+    mask[1, 9:] = mask[3, 7:] = 0
+    inputs = {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100),
+              "fused_lm_head": True, "use_cache": False}
+    weights = torch.randn(4, 11)
+    halves = lambda model: _HalfBatches(model)(**inputs).log_probs  # noqa: E731
+    whole = lambda model: model(**inputs).log_probs  # noqa: E731
+    expected, expected_grads = log_probs_and_grads(model_with_dropout(0.0), whole)
+    got, grads = log_probs_and_grads(model_with_dropout(0.0), halves)
+    torch.testing.assert_close(got, expected)
+    for g, e in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-6)
+    # With dropout on, the recomputed forward must draw the same masks as the one the loss saw.
+    sequential = lambda model: torch.cat([model(**{k: v[i:i + 2] if torch.is_tensor(v) else v  # noqa: E731
+                                                     for k, v in inputs.items()}).log_probs for i in (0, 2)])
+    expected, expected_grads = log_probs_and_grads(model_with_dropout(0.5), sequential)
+    got, grads = log_probs_and_grads(model_with_dropout(0.5), halves)
+    torch.testing.assert_close(got, expected)
+    for g, e in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-6)
