@@ -131,8 +131,17 @@ def check_precision(training_args) -> None:
                          "several times slower than float32: drop --bf16")
 
 
+def keep_token_out_of_outputs(training_args) -> None:
+    """--hub_token moves to $HF_TOKEN (where huggingface_hub reads it), because the Trainer pickles its arguments
+    into every checkpoint's training_args.bin."""
+    if training_args.hub_token:
+        os.environ.setdefault("HF_TOKEN", training_args.hub_token)
+        training_args.hub_token = None
+
+
 def prepare_run(training_args) -> str | None:
     """Logging, argument checks and seeding; returns the checkpoint to resume from."""
+    keep_token_out_of_outputs(training_args)
     setup_logging(training_args)
     check_precision(training_args)
     resume = resolve_resume_checkpoint(training_args)

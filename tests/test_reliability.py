@@ -244,3 +244,15 @@ def test_refuses_another_runs_checkpoints(tiny_model_dir, tmp_path, capsys):
     supervised_finetuning.main(["--model_name_or_path", tiny_model_dir, "--output_dir", str(tmp_path), *SFT,
                                 "--max_steps", "1", "--save_strategy", "no", "--overwrite_output_dir", "True"])
     assert not (tmp_path / "checkpoint-500").exists() and (tmp_path / "model.safetensors").exists()
+
+
+def test_hub_token_never_reaches_the_output_dir_or_the_log(tiny_model_dir, tmp_path, monkeypatch, capfd):
+    secret = "hf_NotARealToken0123456789"
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    supervised_finetuning.main(["--model_name_or_path", tiny_model_dir, "--output_dir", str(tmp_path), *SFT,
+                                "--max_steps", "2", "--hub_token", secret, "--log_level", "info"])
+    written = [path for path in tmp_path.rglob("*") if path.is_file()]
+    assert any(path.name == "training_args.bin" for path in written)  # the pickle that used to hold it
+    assert not [path for path in written if secret.encode() in path.read_bytes()]
+    assert secret not in "".join(capfd.readouterr())
+    assert os.environ["HF_TOKEN"] == secret  # still there for huggingface_hub's uploads
