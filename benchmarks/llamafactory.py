@@ -117,16 +117,38 @@ def run_theirs(config: dict, folder: Path) -> dict:
     return json.loads((folder / "theirs.json").read_text())
 
 
+def useful_share(model: str) -> float:
+    """Loss-bearing ÷ all tokens of data/sft/train as our template renders it: one count of the data, applied to
+    both tools (their ChatML template marks one token more per answer as trained, which is no extra work)."""
+    from transformers import AutoTokenizer
+
+    from medicalgpt.args import SFTDataArguments
+    from medicalgpt.data import build_sft_splits, load_splits
+    from medicalgpt.templates import IGNORE_INDEX, resolve_template
+
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    records = load_splits(SFTDataArguments(train_file_dir=str(SFT_DATA), validation_split_percentage=0),
+                          to_conversation)
+    labels = build_sft_splits(records, tokenizer, resolve_template(tokenizer, None), 512)["train"]["labels"]
+    return sum(label != IGNORE_INDEX for row in labels for label in row[1:]) / sum(map(len, labels))
+
+
 def compare(model: str, steps: dict[bool, int]) -> list[dict]:
-    """Ours vs LLaMA-Factory, without and with packing (steps[packing] optimizer steps each): useful tokens/s."""
-    rows = []
+    """Ours vs LLaMA-Factory, without and with packing (steps[packing] optimizer steps each).
+
+    Useful tokens/s = real (non-padding) tokens/s × the data's loss-bearing share: the same definition for both.
+    """
+    share, rows = useful_share(model), []
     with tempfile.TemporaryDirectory() as tmp:
         write_dataset(Path(tmp))
         for packing, count in steps.items():
             s = settings(count, packing)
             theirs = run_theirs(their_config(model, Path(tmp), Path(tmp) / f"lf-{packing}", s), Path(tmp))
             ours = run_stage("supervised_finetuning", our_flags(model, s), Path(tmp) / f"ours-{packing}")
-            rows.append({"packing": packing, "settings": s, "ours": ours, "theirs": theirs,
+            for run in (ours, theirs):  # each tool's own label count is kept beside the common one
+                run["own_useful_tokens_per_s"] = run["useful_tokens_per_s"]
+                run["useful_tokens_per_s"] = run["real_tokens"] / run["seconds"] * share
+            rows.append({"packing": packing, "settings": s, "useful_share": share, "ours": ours, "theirs": theirs,
                          "speedup": ours["useful_tokens_per_s"] / theirs["useful_tokens_per_s"]})
     return rows
 

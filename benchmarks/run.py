@@ -174,23 +174,30 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(NO_CUDA)
     plan = Plan(args.quick)
     result = {"suite": args.suite, "quick": args.quick, "machine": machine()}
+    output = Path(args.output_file or REPO / "benchmarks" / "results" / f"{args.suite}.json")
+    output.parent.mkdir(parents=True, exist_ok=True)
+
+    def save() -> None:  # after every section: a failure later keeps what was measured
+        result["machine"]["load_average_at_end"] = os.getloadavg()[0]
+        output.write_text(json.dumps(result, indent=2) + "\n")
+
     if args.suite == "gpu":
         from benchmarks import gpu
 
         result["rows"] = gpu.run_gpu_suite(args.quick)
+        save()
         print(gpu.table(result["rows"]))
     else:
-        run_cpu_suite(plan, result, args)
-    result["machine"]["load_average_at_end"] = os.getloadavg()[0]
-    output = Path(args.output_file or REPO / "benchmarks" / "results" / f"{args.suite}.json")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(result, indent=2) + "\n")
+        run_cpu_suite(plan, result, args, save)
     return result
 
 
-def run_cpu_suite(plan: Plan, result: dict, args: argparse.Namespace) -> None:
+def run_cpu_suite(plan: Plan, result: dict, args: argparse.Namespace, save) -> None:
+    import datasets
+
     from benchmarks import generation, llamafactory, preference, preprocessing
 
+    datasets.disable_progress_bars()
     chosen = set(args.sections.split(",")) if args.sections else {"sft", "mfu", "stages", "preprocessing",
                                                                    "generation"}
     if "mfu" in chosen:
@@ -204,13 +211,14 @@ def run_cpu_suite(plan: Plan, result: dict, args: argparse.Namespace) -> None:
             "preprocessing": (lambda: preprocessing.measure_preprocessing(1_000 if plan.quick else 100_000),
                               preprocessing.table),
             "generation": (lambda: generation_section(plan, workdir), lambda s: generation.table(s["rows"])),
-            "compare_llamafactory": (lambda: compare_section(plan, workdir), llamafactory.table),
+            "compare_llamafactory": (lambda: compare_section(plan, workdir), lambda s: llamafactory.table(s["rows"])),
         }
         if args.compare:
             chosen.add("compare_llamafactory")
         for name, (measure, table) in sections.items():
             if name in chosen:
                 result[name] = measure()
+                save()
                 print(f"\n## {name}\n{table(result[name])}", flush=True)
 
 

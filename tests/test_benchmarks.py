@@ -124,3 +124,13 @@ def test_dpo_half_batches_give_the_whole_batch_outputs_and_gradients(tiny_model_
     torch.testing.assert_close(got, expected)
     for g, e in zip(grads, expected_grads, strict=True):
         torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-6)
+
+
+def test_compare_section_is_wired(tmp_path, monkeypatch):
+    measured = {"useful_tokens_per_s": 2.0, "packing_efficiency": 0.9}
+    fake = [{"packing": True, "ours": measured, "theirs": {**measured, "useful_tokens_per_s": 1.0}, "speedup": 2.0}]
+    monkeypatch.setattr(llamafactory, "compare", lambda model, steps: fake)
+    result = run.main(["--quick", "--sections", "preprocessing", "--compare", "llamafactory",
+                       "--output_file", str(tmp_path / "cpu.json")])
+    assert result["compare_llamafactory"]["targets"]["useful_speedup"]["met"]
+    assert set(json.loads((tmp_path / "cpu.json").read_text())) >= {"preprocessing", "compare_llamafactory"}
