@@ -117,10 +117,9 @@ class Meter(TrainerCallback):
         seconds = last_time - first_time
         total, real, useful = (last - first for last, first in zip(last_tokens, first_tokens, strict=True))
         times = [self.start] + [t for t, _ in self.steps]
+        durations = [b - a for a, b in zip(times, times[1:])]
         return {"steps": len(self.steps), "seconds": seconds, "tokens": total, "real_tokens": real,
-                "useful_tokens": useful,
-                "step_seconds": statistics.median(b - a for a, b in zip(times[1:-1], times[2:], strict=True))
-                if len(times) > 2 else times[-1] - times[0],
+                "useful_tokens": useful, "step_seconds": statistics.median(durations[1:] or durations),
                 "tokens_per_s": total / seconds, "useful_tokens_per_s": useful / seconds,
                 "packing_efficiency": real / total if total else None,
                 "train_peak_mb": self.peak.bytes / 2**20 if self.peak.bytes is not None else None,
