@@ -80,7 +80,7 @@ def write_dataset(folder: Path) -> None:
 
 def settings(steps: int, packing: bool) -> dict:
     """The hyperparameters both tools get."""
-    return {"max_length": 512, "batch": 8, "lora_rank": 8, "lora_alpha": 16, "lora_dropout": 0.05,
+    return {"max_length": 512, "batch": 8, "lora_rank": 8, "lora_alpha": 16, "lora_dropout": 0.0,
             "lora_target": "all linear layers", "learning_rate": 1e-4, "scheduler": "linear, no warm-up",
             "steps": steps, "packing": packing, "dtype": "float32", "threads": 1, "seed": 42}
 

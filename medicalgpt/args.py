@@ -51,7 +51,9 @@ class LoraArguments:
         "help": "Train a LoRA adapter; --use_peft False = full fine-tuning."})
     lora_rank: int = field(default=8, metadata={"help": "Rank r of the LoRA update matrices."})
     lora_alpha: float = field(default=16.0, metadata={"help": "LoRA scaling numerator (scale = alpha / r)."})
-    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA input."})
+    lora_dropout: float = field(default=0.0, metadata={
+        "help": "Dropout on the LoRA input. 0 skips the dropout layer (LoRA steps ~1.5x faster on CPU); 0.05-0.1 can "
+                "regularise a small dataset."})
     target_modules: str = field(default="all", metadata={
         "help": "Comma-separated module names, or 'all' = every linear layer except the output head and MoE routers."})
     modules_to_save: str | None = field(default=None, metadata={

@@ -189,4 +189,5 @@ def test_zero_configs_and_moe_leaf_modules():
 def test_fused_experts_with_dropout_get_a_clear_error(tokenizer, tmp_path):
     base = support_matrix.build_family_model(FAMILY["deepseek_v3"], tokenizer, tmp_path)
     with pytest.raises(UsageError, match="pass --lora_dropout 0"):
-        apply_lora(load_model(ModelArguments(model_name_or_path=base)), LoraArguments(), NO_CHECKPOINTING)
+        apply_lora(load_model(ModelArguments(model_name_or_path=base)), LoraArguments(lora_dropout=0.05),
+                   NO_CHECKPOINTING)
