@@ -9,13 +9,14 @@ attend to each other (position ids restart per sample; works with sdpa on CPU an
         --output_dir outputs-sft --num_train_epochs 3
 """
 
-from trl import SFTConfig, SFTTrainer
+from trl import SFTConfig
 
 from medicalgpt.args import LoraArguments, ModelArguments, SFTDataArguments, parse_args
 from medicalgpt.data import build_sft_splits, pack_sft_splits, to_conversation
 from medicalgpt.data.collators import PackedRowsCollator
 from medicalgpt.errors import run_cli
 from medicalgpt.modeling import apply_lora, check_model_args, load_model, set_stop_tokens
+from medicalgpt.trainers import CPUFriendlySFTTrainer
 from medicalgpt.training import STAGE_DEFAULTS, load_chat_inputs, prepare_run, train_and_save
 
 
@@ -38,9 +39,9 @@ def main(argv: list[str] | None = None) -> dict:
     model = apply_lora(load_model(model_args), lora_args, training_args)
     set_stop_tokens(model, tokenizer, template.stop_words)
 
-    trainer = SFTTrainer(model=model, args=training_args, processing_class=tokenizer,
-                         train_dataset=splits["train"], eval_dataset=splits.get("validation"),
-                         data_collator=PackedRowsCollator(tokenizer.pad_token_id) if pack_rows else None)
+    trainer = CPUFriendlySFTTrainer(model=model, args=training_args, processing_class=tokenizer,
+                                    train_dataset=splits["train"], eval_dataset=splits.get("validation"),
+                                    data_collator=PackedRowsCollator(tokenizer.pad_token_id) if pack_rows else None)
     return train_and_save(trainer, resume, report_perplexity=True)
 
 

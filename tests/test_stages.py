@@ -123,6 +123,31 @@ def test_packed_samples_do_not_attend_to_each_other(tiny_model_dir, tokenizer):
     assert not torch.allclose(leaky_logits[0, span], alone_logits[0], atol=1e-3)
 
 
+def test_cpu_training_loss_and_gradients_equal_trls_fused_head(tiny_model_dir, tokenizer, tmp_path):
+    from trl import SFTConfig, SFTTrainer
+
+    from medicalgpt.trainers import CPUFriendlySFTTrainer
+
+    samples = pack_sft_splits(_tiny_conversations(tokenizer, [("哮喘用什么检查？", "肺功能检查。"),
+                                                              ("Dose of metformin?", "500 mg.")]), 128)["train"]
+    args = SFTConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to="none", packing=False)
+    results = []
+    for trainer_class in (SFTTrainer, CPUFriendlySFTTrainer):
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).train()
+        trainer = trainer_class(model=model, args=args, processing_class=tokenizer, train_dataset=samples,
+                                data_collator=PackedRowsCollator(tokenizer.pad_token_id))
+        batch = trainer.data_collator([samples[0]])
+        trained_tokens = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+        loss = trainer.compute_loss(trainer.model, batch, num_items_in_batch=torch.tensor(trained_tokens))
+        loss.backward()
+        results.append((loss.detach(), trainer.model.model.embed_tokens.weight.grad.clone(),
+                        bool(trainer._metrics["train"]["entropy"])))  # only TRL's fused head logs entropy
+    (trl_loss, trl_grad, trl_fused), (our_loss, our_grad, our_fused) = results
+    assert trl_fused and not our_fused
+    torch.testing.assert_close(our_loss, trl_loss, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(our_grad, trl_grad, atol=1e-6, rtol=1e-4)
+
+
 def test_packed_labels_keep_the_assistant_mask(tokenizer):
     samples = _tiny_conversations(tokenizer, [("Q1?", "Answer one."), ("Q2?", "Answer two.")])
     row = pack_sft_splits(samples, max_length=128)["train"][0]
