@@ -14,7 +14,7 @@ if [ "${FAST:-0}" = 1 ]; then   # a smoke run: a few steps of every stage
     PT=(--max_steps 4) SFT=(--max_steps 4) PREF=(--max_steps 2) RL=(--max_steps 2) GRPO=(--max_steps 2)
     EVAL=(--max_new_tokens 8) MODEL_SIZE=tiny
 else
-    PT=(--num_train_epochs 12) SFT=(--num_train_epochs 4) PREF=(--num_train_epochs 2) RL=(--max_steps 40)
+    PT=(--num_train_epochs 30) SFT=(--num_train_epochs 4) PREF=(--num_train_epochs 2) RL=(--max_steps 40)
     GRPO=(--max_steps 40) EVAL=() MODEL_SIZE=default
 fi
 COMMON=(--report_to tensorboard --save_strategy no --logging_steps 5 --disable_tqdm True)
@@ -62,7 +62,7 @@ evaluate --name rm --model_name_or_path "$OUT/sft-merged" --preference_file data
 stage "PPO from the SFT model against the reward model"
 python ppo_training.py --model_name_or_path "$OUT/sft-merged" --reward_model "$OUT/rm" --output_dir "$OUT/ppo" \
     --train_file_dir data/sft/train --batch_size 8 --mini_batch_size 4 --max_new_tokens 32 --learning_rate 1e-3 \
-    --lora_rank 16 --lora_alpha 32 --kl_coef 0.02 --report_to tensorboard "${RL[@]}"
+    --lora_rank 16 --lora_alpha 32 --kl_coef 0.1 --report_to tensorboard "${RL[@]}"
 evaluate --name ppo --model_name_or_path "$OUT/sft-merged" --lora_model "$OUT/ppo" "${HELD_OUT[@]}"
 
 stage "DPO from the SFT model"
