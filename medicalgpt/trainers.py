@@ -21,16 +21,14 @@ class CPUFriendlySFTTrainer(SFTTrainer):
 
     TRL's fused head saves GPU memory at 150k-token vocabularies by recomputing the head in backward, scoring every
     position and computing entropy and top-1 accuracy for its logs; on CPU, with RAM to spare, that made SFT steps
-    ~1.2x slower (benchmarks/README.md, MFU). Evaluation keeps TRL's path and its token-accuracy metric.
+    ~1.2x slower (benchmarks/README.md, MFU). Evaluation and MoE models keep TRL's path.
     """
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if not (self.args.use_cpu and model.training):
+        # MoE keeps TRL's path: it logs the router aux loss and scales it for gradient accumulation.
+        if not (self.args.use_cpu and model.training) or self.aux_loss_enabled:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        inputs = {**inputs, "use_cache": False}
-        if self.aux_loss_enabled:  # MoE: the model adds its router load-balancing loss
-            inputs["output_router_logits"] = True
-        return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
+        return Trainer.compute_loss(self, model, {**inputs, "use_cache": False}, return_outputs, num_items_in_batch)
 
 
 class _HalfBatches:
