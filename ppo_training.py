@@ -26,6 +26,7 @@ from safetensors.torch import load_file
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import set_seed
+from transformers.trainer_utils import sort_checkpoints
 
 from medicalgpt.args import ChatDataArguments, LoraArguments, ModelArguments, parse_args
 from medicalgpt.data import to_rl_prompts
@@ -336,11 +337,6 @@ def batch_indices(step: int, batch_size: int, n: int, seed: int) -> list[int]:
     return indices
 
 
-def latest_checkpoint(output_dir: str) -> str | None:
-    steps = [int(p.name.split("-")[1]) for p in Path(output_dir).glob("checkpoint-*") if p.name.split("-")[1].isdigit()]
-    return str(Path(output_dir) / f"checkpoint-{max(steps)}") if steps else None
-
-
 def save_checkpoint(path: Path, actor: ActorCritic, optimizer, tokenizer, state: dict) -> None:
     """Everything a resumed run needs, written to a temporary directory first so a crash leaves no half checkpoint."""
     staging = path.with_name(f".{path.name}.tmp")
@@ -427,8 +423,8 @@ def main(argv: list[str] | None = None) -> dict:
     records, tokenizer, template = load_chat_inputs(model_args, data_args, args, to_rl_prompts)
     prompts, references = encode_prompts(records["train"], tokenizer, template, args.max_prompt_length)
     resume = args.resume_from_checkpoint
-    if resume == "auto":
-        resume = latest_checkpoint(args.output_dir)
+    if resume == "auto":  # save_checkpoint renames complete directories into place, so the latest will do
+        resume = next(reversed(sort_checkpoints(args.output_dir)), None)
     elif resume is None:
         claim_output_dir(args.output_dir, args.overwrite_output_dir)
     reward_model = load_reward_model(args.reward_model, model_args) if args.reward_model else None

@@ -14,6 +14,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from safetensors.torch import load_file
+from transformers.trainer_utils import sort_checkpoints
 
 import dpo_training
 import grpo_training
@@ -170,7 +171,7 @@ def test_ppo_sigterm_saves_at_the_next_step(tiny_model_dir, straight_ppo, tmp_pa
     with pytest.raises(SystemExit) as exit_info:
         run_ppo(tiny_model_dir, tmp_path, *PPO)
     assert exit_info.value.code == 128 + signal.SIGTERM
-    assert ppo_training.latest_checkpoint(str(tmp_path)).endswith("checkpoint-3")
+    assert sort_checkpoints(str(tmp_path))[-1].endswith("checkpoint-3")
     monkeypatch.undo()
     run_ppo(tiny_model_dir, tmp_path, *PPO, "--resume_from_checkpoint", "auto")
     assert_same_weights(tmp_path / "adapter_model.safetensors", straight_ppo / "adapter_model.safetensors")
