@@ -29,6 +29,7 @@ import torch  # noqa: E402
 # The sections' modules (transformers, TRL, datasets: seconds to import) are imported where used, so that
 # --suite gpu stops at once on a machine without CUDA.
 REPO = Path(__file__).resolve().parents[1]
+SECTIONS = ("sft", "mfu", "stages", "preprocessing", "generation")
 NO_CUDA = "--suite gpu needs a CUDA GPU, and torch.cuda.is_available() is False here; run --suite cpu on this machine"
 
 
@@ -167,9 +168,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--suite", choices=["cpu", "gpu"], default="cpu")
     parser.add_argument("--quick", action="store_true", help="the tiny model, a few steps: a smoke run in seconds")
     parser.add_argument("--compare", choices=["llamafactory"], help="also run LLaMA-Factory's SFT side by side")
-    parser.add_argument("--sections", help="comma-separated subset of: sft,mfu,stages,preprocessing,generation")
+    parser.add_argument("--sections", help=f"comma-separated subset of: {','.join(SECTIONS)}")
     parser.add_argument("--output_file", help="default: benchmarks/results/<suite>.json")
     args = parser.parse_args(argv)
+    unknown = set(args.sections.split(",")) - set(SECTIONS) if args.sections else set()
+    if unknown:
+        parser.error(f"--sections: unknown {', '.join(sorted(unknown))} (choose from {', '.join(SECTIONS)})")
     if args.suite == "gpu" and not torch.cuda.is_available():
         raise SystemExit(NO_CUDA)
     plan = Plan(args.quick)
@@ -198,8 +202,7 @@ def run_cpu_suite(plan: Plan, result: dict, args: argparse.Namespace, save) -> N
     from benchmarks import generation, llamafactory, preference, preprocessing
 
     datasets.disable_progress_bars()
-    chosen = set(args.sections.split(",")) if args.sections else {"sft", "mfu", "stages", "preprocessing",
-                                                                   "generation"}
+    chosen = set(args.sections.split(",") if args.sections else SECTIONS)
     if "mfu" in chosen:
         chosen.add("sft")  # MFU is computed from the SFT runs
     with tempfile.TemporaryDirectory() as tmp:

@@ -59,6 +59,12 @@ def test_gpu_suite_fails_fast_without_cuda(tmp_path):
     assert not (tmp_path / "gpu.json").exists()
 
 
+def test_unknown_section_is_an_error(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run.main(["--sections", "sft,sftt"])
+    assert exit_info.value.code == 2 and "--sections: unknown sftt" in capsys.readouterr().err
+
+
 def test_gpu_suite_shapes_build(tmp_path):
     config = {**gpu.CONFIGS["Qwen2.5-0.5B"], "num_hidden_layers": 1, "vocab_size": 8192}
     path = gpu.write_random_model(config, tmp_path / "model")
