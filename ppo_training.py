@@ -40,7 +40,7 @@ from medicalgpt.modeling import (
     set_stop_tokens,
 )
 from medicalgpt.plotting import plot_loss
-from medicalgpt.training import StopOnSignal, claim_output_dir, load_chat_inputs
+from medicalgpt.training import StopOnSignal, claim_output_dir, load_chat_inputs, setup_logging
 
 logger = logging.getLogger("medicalgpt.ppo")
 
@@ -416,7 +416,7 @@ def main(argv: list[str] | None = None) -> dict:
         raise UsageError("PPO needs a reward: pass --reward_model (from reward_modeling.py) and/or --reward_funcs")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # our loop has no DDP: each rank would train alone on all data
         raise UsageError("ppo_training.py runs in one process: start it with python, not torchrun/accelerate launch")
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    setup_logging()
     set_seed(args.seed)
     Path(args.output_dir).mkdir(parents=True, exist_ok=True)
 

@@ -26,12 +26,15 @@ from medicalgpt.templates import resolve_template
 logger = logging.getLogger("medicalgpt")
 
 
-def setup_logging(training_args) -> None:
-    """One log format for our code and the libraries, at the trainer's log level."""
+def setup_logging(main_process: bool = True, transformers_level: int = logging.WARNING) -> None:
+    """One log format, on stdout, for our code and the libraries; replicas log only warnings."""
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
                         handlers=[logging.StreamHandler(sys.stdout)], level=logging.INFO)
-    logging.getLogger("medicalgpt").setLevel(logging.INFO if training_args.should_log else logging.WARNING)
-    transformers.utils.logging.set_verbosity(training_args.get_process_log_level())
+    logging.getLogger("medicalgpt").setLevel(logging.INFO if main_process else logging.WARNING)
+    # transformers keeps its own stderr handler and propagates only when $CI is set, which printed every line twice.
+    transformers.utils.logging.disable_default_handler()
+    transformers.utils.logging.enable_propagation()
+    transformers.utils.logging.set_verbosity(transformers_level)
 
 
 # What Trainer._save_checkpoint writes, trainer_state.json last; LoRA, FSDP and DeepSpeed name the weights and the
@@ -142,7 +145,7 @@ def keep_token_out_of_outputs(training_args) -> None:
 def prepare_run(training_args) -> str | None:
     """Logging, argument checks and seeding; returns the checkpoint to resume from."""
     keep_token_out_of_outputs(training_args)
-    setup_logging(training_args)
+    setup_logging(training_args.should_log, training_args.get_process_log_level())
     check_precision(training_args)
     resume = resolve_resume_checkpoint(training_args)
     set_seed(training_args.seed)

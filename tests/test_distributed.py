@@ -40,8 +40,9 @@ def free_port() -> int:
 
 
 def launch(command: list[str]) -> str:
-    """Run a launcher from the repository root, one thread per process; its output."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRL_EXPERIMENTAL_SILENCE": "1"}
+    """Run a launcher from the repository root, one thread per process, as on CI; its output."""
+    # CI=true: transformers then propagates its log records too, which once printed every line twice.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRL_EXPERIMENTAL_SILENCE": "1", "CI": "true"}
     run = subprocess.run([sys.executable, "-m", *command], cwd=ROOT, env=env, capture_output=True, text=True,
                          timeout=300)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
