@@ -64,6 +64,19 @@ def check_vllm(training_args: GRPOConfig) -> None:
         raise UsageError("--use_vllm needs vLLM: pip install vllm (or drop --use_vllm)")
 
 
+def check_eval_batch(training_args: GRPOConfig, data_args: ChatDataArguments) -> None:
+    """Validation prompts are evaluated in whole groups. TRL checks this only under an --eval_strategy, but the
+    stage evaluates at the end whenever there is validation data, where the mismatch would crash after training."""
+    if not (data_args.validation_file_dir or data_args.validation_split_percentage > 0):
+        return
+    generations = training_args.num_generations_eval or training_args.num_generations
+    eval_batch = training_args.per_device_eval_batch_size * training_args.world_size
+    if eval_batch % generations:
+        raise UsageError(f"the eval batch ({eval_batch}) must hold whole groups of {generations} generations: pass "
+                         f"--per_device_eval_batch_size {generations} (or another multiple), --num_generations_eval, "
+                         "or --validation_split_percentage 0 without --validation_file_dir")
+
+
 def reward_weights(spec: str | list | None, count: int) -> list[float] | None:
     """--reward_weights "0.5,1" (or a list, from a config file) as floats, one per reward source."""
     if spec is None:
@@ -89,6 +102,7 @@ def main(argv: list[str] | None = None) -> dict:
     model_args, lora_args, data_args, training_args, reward_args = parse_grpo_args(argv)
     check_model_args(model_args, lora_args)
     check_vllm(training_args)
+    check_eval_batch(training_args, data_args)
     reward_funcs = load_reward_functions(reward_args.reward_funcs.split(","))
     if not reward_funcs and not reward_args.reward_model:
         raise UsageError("no reward: pass --reward_funcs and/or --reward_model")

@@ -138,6 +138,7 @@ def test_grpo_files_load_and_bad_records_name_file_and_line(tmp_path):
     (["--reward_weights", "1,2,3"], "3 weights for 2 reward sources"),
     (["--reward_funcs", "answer_acuracy"], "unknown reward function"),
     (["--num_generations", "3"], "must be divisible by num_generations"),
+    (["--num_generations", "8", "--per_device_eval_batch_size", "4"], r"eval batch \(4\) must hold whole groups of 8"),
 ])
 def test_impossible_options_fail_before_any_work(flags, message, tmp_path):
     with pytest.raises(UsageError, match=message):  # a model load would fail otherwise: the path does not exist
