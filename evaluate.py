@@ -5,7 +5,7 @@ Metrics (each from its own flag):
 - multiple-choice accuracy (--mcq_file: question / options / answer, the shape of MedQA, CMExam, CMB):
   by option log-likelihood (--mcq_mode loglik) and/or by generating and parsing a letter (generate);
 - preference accuracy on chosen/rejected pairs (--preference_file): the policy's preference (mean token
-  log-probability), DPO's implicit reward against the reference (--implicit_reward), or a reward model's
+  log-probability), plus DPO's implicit reward against the reference (--implicit_reward); or a reward model's
   pairwise accuracy and margin (--reward_model);
 - answer accuracy on questions with verifiable answers (--answer_file, GRPO's format), generated and scored
   with the reward functions (--reward_funcs);
@@ -55,7 +55,7 @@ class EvalArguments:
         "loglik: the option whose text is most likely as the answer; generate: the letter in a generated answer.")})
     preference_file: str | None = field(default=None, metadata={"help": "Held-out chosen/rejected pairs."})
     implicit_reward: bool = field(default=False, metadata={"help": (
-        "Score pairs by DPO's implicit reward against the reference: the model without its LoRA adapter, or "
+        "Also score pairs by DPO's implicit reward against the reference: the model without its LoRA adapter, or "
         "--ref_model.")})
     ref_model: str | None = field(default=None, metadata={"help": "Reference model for --implicit_reward."})
     reward_model: str | None = field(default=None, metadata={"help": "Score pairs with this reward model instead."})
@@ -130,12 +130,13 @@ def preference_metrics(model, model_args, tokenizer, template, args: EvalArgumen
     if args.reward_model:
         reward_model = load_reward_model(args.reward_model, model_args)
         return {f"rm_{k}": v for k, v in reward_model_accuracy(reward_model, pairs, tokenizer.pad_token_id).items()}
+    metrics = {"preference_accuracy": preference_accuracy(model, pairs, args.batch_size)["accuracy"]}
     if args.implicit_reward:
         reference = load_model(ModelArguments(**{**vars(model_args), "model_name_or_path": args.ref_model})).eval() \
             if args.ref_model else "adapter"
         result = preference_accuracy(model, pairs, args.batch_size, reference)
-        return {"implicit_reward_accuracy": result["accuracy"], "implicit_reward_margin": result["margin"]}
-    return {"preference_accuracy": preference_accuracy(model, pairs, args.batch_size)["accuracy"]}
+        metrics.update(implicit_reward_accuracy=result["accuracy"], implicit_reward_margin=result["margin"])
+    return metrics
 
 
 def sample_answers(model, tokenizer, template, args: EvalArguments) -> list[dict]:

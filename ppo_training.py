@@ -233,20 +233,21 @@ def rollout(actor: ActorCritic, tokenizer, prompts: list[list[int]], args: PPOAr
 
 @torch.no_grad()
 def score(batch: dict, reward_model, reward_fns: list, references: list[dict], args: PPOArguments,
-          pad_id: int) -> torch.Tensor:
+          pad_id: int) -> tuple[torch.Tensor, dict]:
     """Reward model score + reward functions (given the prompts and reference answers, as in GRPO), minus the
-    missing-EOS penalty, clipped."""
-    scores = torch.zeros(len(batch["texts"]))
+    missing-EOS penalty, clipped; and each part's batch mean, for the log."""
+    parts = {}
     if reward_model is not None:
         ids = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, pad_id)  # RM reads the last non-pad
-        scores += reward_model(input_ids=ids, attention_mask=batch["attention_mask"].long(),
-                               position_ids=batch["position_ids"]).logits[:, 0].float()
+        parts["reward_model"] = reward_model(input_ids=ids, attention_mask=batch["attention_mask"].long(),
+                                             position_ids=batch["position_ids"]).logits[:, 0].float()
     completions = [[{"role": "assistant", "content": text}] for text in batch["texts"]]
     columns = {"prompts": [r["prompt"] for r in references], "answer": [r["answer"] for r in references]}
     for fn in reward_fns:
-        scores += torch.tensor([0.0 if r is None else r for r in fn(completions=completions, **columns)])
-    scores -= args.missing_eos_penalty * (~batch["ended"]).float()
-    return scores.clamp(-args.reward_clip, args.reward_clip)
+        parts[fn.__name__] = torch.tensor([0.0 if r is None else r for r in fn(completions=completions, **columns)])
+    parts["missing_eos_penalty"] = -args.missing_eos_penalty * (~batch["ended"]).float()
+    scores = torch.stack(list(parts.values())).sum(0).clamp(-args.reward_clip, args.reward_clip)
+    return scores, {f"score/{name}": part.mean().item() for name, part in parts.items()}
 
 
 def response_logprobs(logits: torch.Tensor, batch: dict, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -447,9 +448,9 @@ def main(argv: list[str] | None = None) -> dict:
         for step in tqdm(range(state["step"], args.max_steps), desc="PPO", initial=state["step"], total=args.max_steps):
             chosen = batch_indices(step, args.batch_size, len(prompts), args.seed)
             batch = rollout(actor, tokenizer, [prompts[i] for i in chosen], args)
-            scores = score(batch, reward_model, reward_fns, [references[i] for i in chosen], args,
-                           tokenizer.pad_token_id)
-            metrics = ppo_step(actor, ref_model, optimizer, kl_control, batch, scores, args)
+            scores, score_parts = score(batch, reward_model, reward_fns, [references[i] for i in chosen], args,
+                                        tokenizer.pad_token_id)
+            metrics = {**ppo_step(actor, ref_model, optimizer, kl_control, batch, scores, args), **score_parts}
             if (step + 1) % args.logging_steps == 0:
                 run_log.log(step + 1, metrics)
             checkpoint = Path(args.output_dir) / f"checkpoint-{step + 1}"

@@ -11,11 +11,12 @@ cd "$(dirname "$0")"
 OUT=${OUT:-outputs-pipeline}
 export OMP_NUM_THREADS=${PIPELINE_THREADS:-2} HF_HUB_OFFLINE=1 TRL_EXPERIMENTAL_SILENCE=1
 if [ "${FAST:-0}" = 1 ]; then   # a smoke run: a few steps of every stage
-    PT=(--max_steps 4) SFT=(--max_steps 4) PREF=(--max_steps 2) RL=(--max_steps 2) GRPO=(--max_steps 2)
+    PT=(--max_steps 4) SFT=(--max_steps 4) PREF=(--max_steps 2) DPO=(--max_steps 2) RL=(--max_steps 2)
+    GRPO=(--max_steps 2)
     EVAL=(--max_new_tokens 8) MODEL_SIZE=tiny
 else
-    PT=(--num_train_epochs 30) SFT=(--num_train_epochs 4) PREF=(--num_train_epochs 2) RL=(--max_steps 40)
-    GRPO=(--max_steps 40) EVAL=() MODEL_SIZE=default
+    PT=(--num_train_epochs 30) SFT=(--num_train_epochs 4) PREF=(--num_train_epochs 2) DPO=(--num_train_epochs 3)
+    RL=(--max_steps 40) GRPO=(--max_steps 60) EVAL=() MODEL_SIZE=default
 fi
 COMMON=(--report_to tensorboard --save_strategy no --logging_steps 5 --disable_tqdm True)
 HELD_OUT=(--perplexity_files data/pretrain/validation --mcq_file data/eval/mcq_validation.jsonl)
@@ -66,22 +67,22 @@ python ppo_training.py --model_name_or_path "$OUT/sft-merged" --reward_model "$O
 evaluate --name ppo --model_name_or_path "$OUT/sft-merged" --lora_model "$OUT/ppo" "${HELD_OUT[@]}"
 
 stage "DPO from the SFT model"
-python dpo_training.py --model_name_or_path "$OUT/sft-merged" --output_dir "$OUT/dpo" "${PAIRS[@]}" --beta 0.1 \
-    --lora_rank 16 --lora_alpha 32 --learning_rate 1e-3 --per_device_train_batch_size 8 "${COMMON[@]}" "${PREF[@]}"
+python dpo_training.py --model_name_or_path "$OUT/sft-merged" --output_dir "$OUT/dpo" "${PAIRS[@]}" --beta 0.5 \
+    --lora_rank 16 --lora_alpha 32 --learning_rate 1e-3 --per_device_train_batch_size 8 "${COMMON[@]}" "${DPO[@]}"
 evaluate --name dpo --model_name_or_path "$OUT/sft-merged" --lora_model "$OUT/dpo" "${HELD_OUT[@]}" \
-    --preference_file data/preference/validation
+    --preference_file data/preference/validation --implicit_reward
 
 stage "ORPO from the SFT model"
 python orpo_training.py --model_name_or_path "$OUT/sft-merged" --output_dir "$OUT/orpo" "${PAIRS[@]}" --beta 0.1 \
     --lora_rank 16 --lora_alpha 32 --learning_rate 1e-3 --per_device_train_batch_size 8 "${COMMON[@]}" "${PREF[@]}"
 evaluate --name orpo --model_name_or_path "$OUT/sft-merged" --lora_model "$OUT/orpo" "${HELD_OUT[@]}" \
-    --preference_file data/preference/validation
+    --preference_file data/preference/validation --implicit_reward
 
 stage "GRPO from the SFT model with the medical rewards, data/grpo"
 python grpo_training.py --model_name_or_path "$OUT/sft-merged" --output_dir "$OUT/grpo" \
     --train_file_dir data/grpo/train --reward_funcs answer_accuracy --system_prompt "" \
-    --num_generations 4 --max_completion_length 32 --per_device_train_batch_size 8 --learning_rate 1e-3 \
-    --lora_rank 16 --lora_alpha 32 "${COMMON[@]}" "${GRPO[@]}"
+    --num_generations 8 --temperature 0.3 --max_completion_length 32 --per_device_train_batch_size 32 \
+    --learning_rate 5e-4 --lora_rank 16 --lora_alpha 32 "${COMMON[@]}" "${GRPO[@]}"
 evaluate --name grpo --model_name_or_path "$OUT/sft-merged" --lora_model "$OUT/grpo" \
     --answer_file data/grpo/validation
 

@@ -35,7 +35,8 @@ ALPACA_PLAIN, ALPACA_QUESTION_INPUT, ALPACA_TREATMENT_INPUT, ALPACA_HISTORY = 60
 OPENAI_SINGLE_TURN, OPENAI_MULTI_TURN, OPENAI_SYSTEM_RATE = 70, 30, 0.3
 PREFERENCE_TRAIN_SIZE, PREFERENCE_VALIDATION_SIZE = 400, 80
 GRPO_TRAIN_MIX = {"short_answer": 130, "multiple_choice": 100, "dose_calculation": 70}
-GRPO_VALIDATION_MIX = {"short_answer": 24, "multiple_choice": 20, "dose_calculation": 16}
+GRPO_VALIDATION_MIX = {"short_answer": 48, "multiple_choice": 40, "dose_calculation": 32}
+EXAM_STYLE_SFT_MIX = {"short_answer": 100, "multiple_choice": 100, "dose_calculation": 50}
 TRAIN_WEIGHTS_KG = range(10, 41, 2)  # even weights; validation uses odd ones, so no
 VALIDATION_WEIGHTS_KG = range(11, 40, 2)  # dose question appears in both splits
 
@@ -589,6 +590,12 @@ def build_sharegpt_validation(rng: random.Random) -> list[dict]:
     return [sharegpt_record([slot_qa(slot, rng)]) for slot in slots]
 
 
+def build_exam_style_sft(rng: random.Random) -> list[dict]:
+    """Exam-style questions answered in the form they ask for (a name, a letter, "N mg"), as GRPO rewards them."""
+    records = build_grpo(SFT_CONDITIONS, EXAM_STYLE_SFT_MIX, TRAIN_WEIGHTS_KG, rng)
+    return [sharegpt_record([QA(record["question"], record["answer"], "")]) for record in records]
+
+
 def alpaca_record(instruction: str, model_input: str, output: str) -> dict:
     return {"instruction": instruction, "input": model_input, "output": output}
 
@@ -754,6 +761,8 @@ FILE_DESCRIPTIONS = {
     "sft/train/alpaca_medical.jsonl": "SFT in Alpaca format (`instruction`, `input`, `output`; a few add "
     "`system` and `history`). SFT conditions only.",
     "sft/train/openai_medical.jsonl": "SFT in OpenAI `messages` format (system/user/assistant). SFT conditions only.",
+    "sft/train/exam_style_medical.jsonl": "SFT in ShareGPT format: exam-style questions (as in GRPO) answered "
+    "in the form they ask for: a drug or exam name only, an option letter, or a dose in mg. SFT conditions only.",
     "sft/validation/sharegpt_medical.jsonl": "Single-turn ShareGPT questions about held-out conditions.",
     "preference/train/preference_medical.jsonl": "Reward-model / DPO pairs: `conversations` (the question), "
     "`chosen` (right answer) and `rejected` (same wording with another condition's fact). SFT conditions.",
@@ -799,6 +808,7 @@ def build_outputs() -> dict[str, list[str]]:
         "sft/train/sharegpt_medical.jsonl": build_sharegpt_train(make_rng("sharegpt-train")),
         "sft/train/alpaca_medical.jsonl": build_alpaca(make_rng("alpaca")),
         "sft/train/openai_medical.jsonl": build_openai(make_rng("openai")),
+        "sft/train/exam_style_medical.jsonl": build_exam_style_sft(make_rng("exam-style")),
         "sft/validation/sharegpt_medical.jsonl": build_sharegpt_validation(make_rng("sharegpt-validation")),
         "preference/train/preference_medical.jsonl": build_preference(
             SFT_CONDITIONS, QUESTION_TEMPLATES, PREFERENCE_TRAIN_SIZE, make_rng("preference-train")

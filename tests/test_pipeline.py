@@ -63,6 +63,15 @@ def test_preference_and_reward_model_accuracy_follow_the_scores(tokenizer):
     assert reward_model_accuracy(LengthReward(), longer, pad_token_id=0) == {"accuracy": 1.0, "margin": 2.0}
 
 
+def test_implicit_reward_is_the_log_prob_gain_over_the_reference(tokenizer):
+    good, bad = (tokenizer(text, add_special_tokens=False)["input_ids"] for text in ("秋水仙碱", "阿莫西林"))
+    pairs = Dataset.from_list([{"prompt_ids": [1, 2], "chosen_ids": good, "rejected_ids": bad}])
+    policy = Forced(len(tokenizer), good)
+    assert preference_accuracy(policy, pairs, reference=Forced(len(tokenizer)))["accuracy"] == 1.0
+    unchanged = preference_accuracy(policy, pairs, reference=Forced(len(tokenizer), good))  # no gain: no preference
+    assert unchanged["accuracy"] == 0.0 and unchanged["margin"] == pytest.approx(0.0, abs=1e-4)
+
+
 def test_report_adds_reward_trends_and_draws_every_stage(tmp_path):
     rows = [{"name": "sft", "metrics": {"mcq_accuracy": 0.5}, "samples": []},
             {"name": "ppo", "metrics": {}, "samples": []}]
@@ -92,6 +101,7 @@ def test_fast_pipeline_runs_every_stage_end_to_end(tmp_path):
     metrics = {r["name"]: r["metrics"] for r in rows}
     assert {"perplexity", "mcq_accuracy"} <= set(metrics["pt"]) and "rm_accuracy" in metrics["rm"]
     assert {"reward_start", "reward_end"} <= set(metrics["ppo"]) and "answer_accuracy" in metrics["grpo"]
+    assert {"preference_accuracy", "implicit_reward_accuracy"} <= set(metrics["dpo"]) & set(metrics["orpo"])
     assert all(not math.isnan(v) for m in metrics.values() for v in m.values())
     for artefact in ("pt/model.safetensors", "sft-merged/model.safetensors", "rm/adapter_model.safetensors",
                      "ppo/adapter_model.safetensors", "dpo-merged/model.safetensors", "orpo/adapter_model.safetensors",

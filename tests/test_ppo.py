@@ -83,7 +83,7 @@ def test_ppo_raises_the_reward_on_a_learnable_task(tiny_model_dir, tmp_path):
                       "--max_steps", "24", "--kl_coef", "0.01")["history"]
     rewards = [h["reward"] for h in history]
     assert sum(rewards[-4:]) / 4 > 1.3 * sum(rewards[:4]) / 4
-    assert {"kl", "entropy", "clipfrac", "value_loss", "approx_kl"} <= set(history[-1])
+    assert {"kl", "entropy", "clipfrac", "value_loss", "approx_kl", "score/han_share"} <= set(history[-1])
     assert (tmp_path / "loss.png").exists() and (tmp_path / "model.safetensors").exists()
 
 
@@ -120,4 +120,7 @@ def test_critic_from_the_reward_model(tiny_model_dir, tmp_path):
                         "--output_dir", str(tmp_path / "ppo"), "--batch_size", "4", "--mini_batch_size", "2",
                         "--max_new_tokens", "6", "--max_steps", "2", "--report_to", "none"])["history"]
     assert len(history) == 2 and all(abs(h["reward"]) < 10 for h in history)
+    for entry in history:  # the logged parts of the reward add up to it (nothing clipped here)
+        parts = [entry["score/reward_model"], entry["score/missing_eos_penalty"]]
+        assert sum(parts) == pytest.approx(entry["reward"], abs=1e-5)
     assert (tmp_path / "ppo" / "checkpoint-2" / "critic" / "adapter_model.safetensors").exists()
