@@ -63,7 +63,7 @@ evaluate --name rm --model_name_or_path "$OUT/sft-merged" --preference_file data
 stage "PPO from the SFT model against the reward model"
 python ppo_training.py --model_name_or_path "$OUT/sft-merged" --reward_model "$OUT/rm" --output_dir "$OUT/ppo" \
     --train_file_dir data/sft/train --batch_size 8 --mini_batch_size 4 --max_new_tokens 32 --learning_rate 1e-3 \
-    --lora_rank 16 --lora_alpha 32 --kl_coef 0.1 --report_to tensorboard "${RL[@]}"
+    --lora_rank 16 --lora_alpha 32 --kl_coef 0.3 --report_to tensorboard "${RL[@]}"
 evaluate --name ppo --model_name_or_path "$OUT/sft-merged" --lora_model "$OUT/ppo" "${HELD_OUT[@]}"
 
 stage "DPO from the SFT model"
