@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from benchmarks import gpu, llamafactory, run
+from benchmarks import gpu, llamafactory, preprocessing, run
 from benchmarks.training import batch_tokens
 
 
@@ -46,7 +46,8 @@ def test_quick_cpu_suite(tmp_path):
     assert set(stages) == {"sft", "pt", "dpo", "dpo_precomputed_ref", "rm"}
     assert stages["sft"]["step_vs_sft"] == 1 and all(r["step_seconds"] > 0 for r in stages.values())
 
-    assert result["preprocessing"]["records"] == 999 and result["preprocessing"]["records_per_s"] > 0
+    files = len(list(preprocessing.SHIPPED.glob("*.jsonl")))  # the 1,000 quick records, split evenly over them
+    assert result["preprocessing"]["records"] == 1000 // files * files and result["preprocessing"]["records_per_s"] > 0
     assert [r["batch_size"] for r in result["generation"]["rows"]] == [1, 4]
     assert all("met" in t for section in ("sft", "mfu", "stages", "generation")
                for t in result[section]["targets"].values())
@@ -85,7 +86,8 @@ def test_llamafactory_gets_our_settings(tmp_path):
     assert theirs["bf16"] is theirs["fp16"] is False
     llamafactory.write_dataset(tmp_path)
     info = json.loads((tmp_path / "dataset_info.json").read_text())
-    assert sum(1 for _ in (tmp_path / info["medical_sft"]["file_name"]).open()) == 1200
+    shipped = sum(1 for path in llamafactory.SFT_DATA.glob("*.jsonl") for _ in path.open())
+    assert sum(1 for _ in (tmp_path / info["medical_sft"]["file_name"]).open()) == shipped == 1450
 
 
 def test_dpo_half_batches_give_the_whole_batch_outputs_and_gradients(tiny_model_dir):
