@@ -25,7 +25,7 @@ FAST = ["--report_to", "none", "--logging_steps", "5", "--save_strategy", "no", 
 PT_DATA = ["--train_file_dir", "data/pretrain/train", "--validation_file_dir", "data/pretrain/validation",
            "--max_eval_samples", "200", "--block_size", "128"]
 SFT_DATA = ["--train_file_dir", "data/sft/train", "--validation_file_dir", "data/sft/validation",
-            "--max_train_samples", "300", "--max_eval_samples", "40", "--max_length", "256"]
+            "--max_train_samples", "800", "--max_eval_samples", "40", "--max_length", "256"]
 
 
 @pytest.fixture(scope="module")
