@@ -243,8 +243,10 @@ def score(batch: dict, reward_model, reward_fns: list, references: list[dict], a
                                              position_ids=batch["position_ids"]).logits[:, 0].float()
     completions = [[{"role": "assistant", "content": text}] for text in batch["texts"]]
     columns = {"prompts": [r["prompt"] for r in references], "answer": [r["answer"] for r in references]}
-    for fn in reward_fns:
-        parts[fn.__name__] = torch.tensor([0.0 if r is None else r for r in fn(completions=completions, **columns)])
+    for index, fn in enumerate(reward_fns):
+        name = getattr(fn, "__name__", f"reward_function_{index}")
+        name = f"{name}_{index}" if name in parts else name  # the same function twice counts twice
+        parts[name] = torch.tensor([0.0 if r is None else r for r in fn(completions=completions, **columns)])
     parts["missing_eos_penalty"] = -args.missing_eos_penalty * (~batch["ended"]).float()
     scores = torch.stack(list(parts.values())).sum(0).clamp(-args.reward_clip, args.reward_clip)
     return scores, {f"score/{name}": part.mean().item() for name, part in parts.items()}

@@ -78,6 +78,14 @@ def run_ppo(model_dir: str, output_dir, *flags: str) -> dict:
                      "--missing_eos_penalty", "0", "--report_to", "none", *flags])
 
 
+def test_score_adds_every_reward_part_and_logs_each():
+    batch = {"texts": ["你好", "hello"], "ended": torch.tensor([True, False])}
+    references = [{"prompt": "p", "answer": "a"}] * 2
+    scores, parts = ppo.score(batch, None, [han_share, han_share], references, ppo.PPOArguments(), pad_id=0)
+    assert scores.tolist() == pytest.approx([2.0, -1.0])  # 2 x the Han share, minus the missing-EOS penalty
+    assert parts == {"score/han_share": 0.5, "score/han_share_1": 0.5, "score/missing_eos_penalty": -0.5}
+
+
 def test_ppo_raises_the_reward_on_a_learnable_task(tiny_model_dir, tmp_path):
     history = run_ppo(tiny_model_dir, tmp_path, "--use_peft", "False", "--learning_rate", "3e-3",
                       "--max_steps", "24", "--kl_coef", "0.01")["history"]
