@@ -26,7 +26,6 @@ from safetensors.torch import load_file
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import set_seed
-from transformers.trainer_utils import sort_checkpoints
 
 from medicalgpt.args import ChatDataArguments, LoraArguments, ModelArguments, parse_args
 from medicalgpt.data import to_rl_prompts
@@ -40,7 +39,7 @@ from medicalgpt.modeling import (
     set_stop_tokens,
 )
 from medicalgpt.plotting import plot_loss
-from medicalgpt.training import StopOnSignal, claim_output_dir, load_chat_inputs, setup_logging
+from medicalgpt.training import StopOnSignal, load_chat_inputs, resolve_resume_checkpoint, setup_logging
 
 logger = logging.getLogger("medicalgpt.ppo")
 
@@ -340,6 +339,13 @@ def batch_indices(step: int, batch_size: int, n: int, seed: int) -> list[int]:
     return indices
 
 
+CHECKPOINT_FILES = ("policy", "value_head.pt", "optimizer.pt", "rng.pt", "state.json")  # what a resume reads
+
+
+def missing_checkpoint_files(path: str | Path) -> list[str]:
+    return [name for name in CHECKPOINT_FILES if not (Path(path) / name).exists()]
+
+
 def save_checkpoint(path: Path, actor: ActorCritic, optimizer, tokenizer, state: dict) -> None:
     """Everything a resumed run needs, written to a temporary directory first so a crash leaves no half checkpoint."""
     staging = path.with_name(f".{path.name}.tmp")
@@ -420,16 +426,13 @@ def main(argv: list[str] | None = None) -> dict:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # our loop has no DDP: each rank would train alone on all data
         raise UsageError("ppo_training.py runs in one process: start it with python, not torchrun/accelerate launch")
     setup_logging()
+    resume = resolve_resume_checkpoint(args.output_dir, args.resume_from_checkpoint, args.overwrite_output_dir,
+                                       missing_parts=missing_checkpoint_files)
     set_seed(args.seed)
     Path(args.output_dir).mkdir(parents=True, exist_ok=True)
 
     records, tokenizer, template = load_chat_inputs(model_args, data_args, args, to_rl_prompts)
     prompts, references = encode_prompts(records["train"], tokenizer, template, args.max_prompt_length)
-    resume = args.resume_from_checkpoint
-    if resume == "auto":  # save_checkpoint renames complete directories into place, so the latest will do
-        resume = next(reversed(sort_checkpoints(args.output_dir)), None)
-    elif resume is None:
-        claim_output_dir(args.output_dir, args.overwrite_output_dir)
     reward_model = load_reward_model(args.reward_model, model_args) if args.reward_model else None
     reward_fns = []
     if args.reward_funcs:

@@ -9,6 +9,7 @@ import shutil
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import NoReturn
 
@@ -59,14 +60,17 @@ def missing_checkpoint_parts(path: str | Path) -> list[str]:
     return missing
 
 
-def last_complete_checkpoint(output_dir: str) -> str | None:
+MissingParts = Callable[[str | Path], list[str]]
+
+
+def last_complete_checkpoint(output_dir: str, missing_parts: MissingParts = missing_checkpoint_parts) -> str | None:
     """The latest checkpoint-N that holds everything a resume needs.
 
     The Trainer writes checkpoints in place and get_last_checkpoint takes the highest step, so a run killed while
     saving would resume from a half-written checkpoint: skip those (and say so).
     """
     for checkpoint in reversed(sort_checkpoints(output_dir)):
-        missing = missing_checkpoint_parts(checkpoint)
+        missing = missing_parts(checkpoint)
         if not missing:
             return checkpoint
         logger.warning("Skipping incomplete %s (no %s)", checkpoint, ", ".join(missing))
@@ -91,25 +95,26 @@ def claim_output_dir(output_dir: str, overwrite: bool, main_process: bool = True
             shutil.rmtree(path)
 
 
-def resolve_resume_checkpoint(training_args) -> str | None:
+def resolve_resume_checkpoint(output_dir: str, resume: str | None, overwrite: bool, main_process: bool = True,
+                              missing_parts: MissingParts = missing_checkpoint_parts) -> str | None:
     """--resume_from_checkpoint: a path, or 'auto' for the latest complete checkpoint in output_dir (None if none).
 
-    Without it, output_dir must hold no checkpoints of another run (see claim_output_dir).
+    Without it, output_dir must hold no checkpoints of another run (see claim_output_dir). missing_parts names
+    what a checkpoint lacks: the Trainer's layout by default (PPO's loop passes its own).
     """
-    resume = training_args.resume_from_checkpoint
     if resume is None:
-        claim_output_dir(training_args.output_dir, training_args.overwrite_output_dir, training_args.should_save)
+        claim_output_dir(output_dir, overwrite, main_process)
         return None
-    if training_args.overwrite_output_dir:
+    if overwrite:
         raise UsageError("--overwrite_output_dir deletes the checkpoints --resume_from_checkpoint continues from: "
                          "pass one of them")
     if resume == "auto":
-        last = last_complete_checkpoint(training_args.output_dir)
+        last = last_complete_checkpoint(output_dir, missing_parts)
         logger.info("Resuming from %s", last or "scratch (no checkpoint in output_dir yet)")
         return last
     if not os.path.isdir(resume):
         raise UsageError(f"--resume_from_checkpoint {resume}: no such checkpoint directory")
-    missing = missing_checkpoint_parts(resume)
+    missing = missing_parts(resume)
     if missing:
         raise UsageError(f"--resume_from_checkpoint {resume}: incomplete checkpoint (no {', '.join(missing)})")
     return resume
@@ -147,7 +152,8 @@ def prepare_run(training_args) -> str | None:
     keep_token_out_of_outputs(training_args)
     setup_logging(training_args.should_log, training_args.get_process_log_level())
     check_precision(training_args)
-    resume = resolve_resume_checkpoint(training_args)
+    resume = resolve_resume_checkpoint(training_args.output_dir, training_args.resume_from_checkpoint,
+                                       training_args.overwrite_output_dir, training_args.should_save)
     set_seed(training_args.seed)
     return resume
 

@@ -113,6 +113,11 @@ def test_refuses_another_runs_checkpoints_and_needs_a_reward(tiny_model_dir, tmp
     (tmp_path / "checkpoint-3").mkdir()
     with pytest.raises(ppo.UsageError, match="holds checkpoints of an earlier run"):
         run_ppo(tiny_model_dir, tmp_path, "--max_steps", "1")
+    with pytest.raises(ppo.UsageError, match=r"incomplete checkpoint \(no policy, value_head.pt, optimizer.pt"):
+        run_ppo(tiny_model_dir, tmp_path, "--max_steps", "1",
+                "--resume_from_checkpoint", str(tmp_path / "checkpoint-3"))
+    with pytest.raises(ppo.UsageError, match="no such checkpoint directory"):
+        run_ppo(tiny_model_dir, tmp_path, "--max_steps", "1", "--resume_from_checkpoint", str(tmp_path / "nowhere"))
     with pytest.raises(ppo.UsageError, match="PPO needs a reward"):
         ppo.main(["--model_name_or_path", tiny_model_dir, "--train_file_dir", "data/sft/validation"])
 

@@ -194,13 +194,11 @@ def test_auto_skips_incomplete_checkpoints(tmp_path, caplog):
     fake_checkpoint(tmp_path / "checkpoint-6", state='{"global_step": 6, "log_hi')  # killed writing the state
     fake_checkpoint(tmp_path / "checkpoint-8", skip=("optimizer.pt", "rng_state.pth"))  # e.g. half deleted
     (tmp_path / "tmp-checkpoint-10").mkdir()  # a stray directory, not a checkpoint
-    args = SimpleNamespace(output_dir=str(tmp_path), resume_from_checkpoint="auto", overwrite_output_dir=False)
-    assert resolve_resume_checkpoint(args) == str(tmp_path / "checkpoint-2")
+    assert resolve_resume_checkpoint(str(tmp_path), "auto", overwrite=False) == str(tmp_path / "checkpoint-2")
     assert "checkpoint-8 (no optimizer, RNG state)" in caplog.text
     assert all(f"checkpoint-{step} (no trainer_state.json)" in caplog.text for step in (4, 6))
-    args.resume_from_checkpoint = str(tmp_path / "checkpoint-4")
     with pytest.raises(UsageError, match="incomplete checkpoint \\(no trainer_state.json\\)"):
-        resolve_resume_checkpoint(args)
+        resolve_resume_checkpoint(str(tmp_path), str(tmp_path / "checkpoint-4"), overwrite=False)
 
 
 # --- conflicting options, refused before any loading (the model path does not exist) --------------------------------
