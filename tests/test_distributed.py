@@ -6,7 +6,6 @@ import importlib
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +21,7 @@ from trl import SFTConfig
 import medicalgpt.args
 import supervised_finetuning
 from medicalgpt.errors import UsageError, run_cli
+from tests.ports import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
@@ -31,12 +31,6 @@ TRAIN = ["--report_to", "none", "--save_strategy", "no",
 GLOBAL_BATCH = "Total train batch size (w. parallel, distributed & accumulation) = "
 TRAINER_STAGES = ["pretraining", "supervised_finetuning", "reward_modeling", "dpo_training", "orpo_training",
                   "cpo_training", "kto_training", "grpo_training"]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def launch(command: list[str]) -> str:

@@ -4,7 +4,6 @@ OpenAI-shaped errors without hurting the server."""
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -16,17 +15,12 @@ import pytest
 from test_serving import model_dir  # noqa: F401  (the fixture: a tiny model whose greedy answers differ by prompt)
 
 from benchmarks.serve_load import LoadArguments, distinct_prompts, print_table, run_load, summarize
+from tests.ports import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 KEY = "sk-load-test"
 MAX_TOKENS = 8
 HELLO = [{"role": "user", "content": "hi"}]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

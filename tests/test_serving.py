@@ -28,6 +28,7 @@ from medicalgpt.generation import generate
 from medicalgpt.openai_protocol import StopStrings
 from medicalgpt.serving import ChatModel, ServeArguments, load_chat_model
 from medicalgpt.templates import TokenizerChatTemplate
+from tests.ports import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = "/usr/bin/chromium"
@@ -318,12 +319,6 @@ def test_a_disconnecting_stream_client_stops_its_generation(chat):
 
 
 # --- Gradio demo ---------------------------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
