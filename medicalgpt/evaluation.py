@@ -1,28 +1,56 @@
-"""Held-out metrics: perplexity, multiple-choice, preference and reward-model accuracy, from answer log-probs."""
+"""Held-out metrics: perplexity, multiple-choice, preference and reward-model accuracy, from answer log-probs;
+the KL of a distilled student from its teacher."""
 
 import math
+from collections.abc import Iterator
 
 import torch
 from torch.nn.utils.rnn import pad_sequence
+
+
+def answer_batches(pairs: list[tuple[list[int], list[int]]], batch_size: int, device) -> Iterator[tuple]:
+    """Right-padded prompt + answer batches: input ids, attention mask, where each answer's tokens are predicted
+    (position t predicts token t + 1) and the answers' lengths."""
+    for start in range(0, len(pairs), batch_size):
+        batch = pairs[start: start + batch_size]
+        sequences = [torch.tensor(prompt + answer) for prompt, answer in batch]
+        input_ids = pad_sequence(sequences, batch_first=True, padding_value=0).to(device)
+        attention_mask = pad_sequence([torch.ones_like(s) for s in sequences], batch_first=True).to(device)
+        positions = torch.arange(input_ids.shape[1] - 1, device=device)[None]
+        starts = torch.tensor([len(p) - 1 for p, _ in batch], device=device)[:, None]
+        lengths = torch.tensor([len(a) for _, a in batch], device=device)[:, None]
+        yield input_ids, attention_mask, (positions >= starts) & (positions < starts + lengths), lengths[:, 0]
+
+
+def next_token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Log-probabilities over the vocabulary of each next token, in float32."""
+    logits = model(input_ids=input_ids.to(model.device), attention_mask=attention_mask.to(model.device)).logits
+    return torch.log_softmax(logits[:, :-1].float(), -1).to(input_ids.device)
 
 
 @torch.inference_mode()
 def answer_logprobs(model, pairs: list[tuple[list[int], list[int]]], batch_size: int = 8) -> list[tuple[float, int]]:
     """Sum of the log-probabilities of each answer's tokens given its prompt, and the answer's length."""
     results = []
-    for start in range(0, len(pairs), batch_size):
-        batch = pairs[start: start + batch_size]
-        sequences = [torch.tensor(prompt + answer) for prompt, answer in batch]
-        input_ids = pad_sequence(sequences, batch_first=True, padding_value=0).to(model.device)
-        attention_mask = pad_sequence([torch.ones_like(s) for s in sequences], batch_first=True).to(model.device)
-        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float()
-        token_logps = torch.log_softmax(logits, -1).gather(-1, input_ids[:, 1:, None])[..., 0]
-        positions = torch.arange(token_logps.shape[1], device=model.device)[None]
-        starts = torch.tensor([len(p) - 1 for p, _ in batch], device=model.device)[:, None]
-        lengths = torch.tensor([len(a) for _, a in batch], device=model.device)[:, None]
-        in_answer = (positions >= starts) & (positions < starts + lengths)
-        results += zip((token_logps * in_answer).sum(1).tolist(), lengths[:, 0].tolist(), strict=True)
+    for input_ids, attention_mask, in_answer, lengths in answer_batches(pairs, batch_size, model.device):
+        logps = next_token_logprobs(model, input_ids, attention_mask)
+        token_logps = logps.gather(-1, input_ids[:, 1:, None])[..., 0]
+        results += zip((token_logps * in_answer).sum(1).tolist(), lengths.tolist(), strict=True)
     return results
+
+
+@torch.inference_mode()
+def teacher_kl(student, teacher, pairs: list[tuple[list[int], list[int]]], batch_size: int = 8) -> float:
+    """Mean KL(teacher ‖ student) of the next-token distributions over the answers' tokens: how far the student is
+    from predicting what the teacher predicts (0 when they agree). Both must share one vocabulary."""
+    total, tokens = 0.0, 0
+    for input_ids, attention_mask, in_answer, _ in answer_batches(pairs, batch_size, student.device):
+        student_logps = next_token_logprobs(student, input_ids, attention_mask)
+        teacher_logps = next_token_logprobs(teacher, input_ids, attention_mask)
+        kl = (teacher_logps.exp() * (teacher_logps - student_logps)).sum(-1)
+        total += kl[in_answer].sum().item()
+        tokens += in_answer.sum().item()
+    return total / tokens
 
 
 def mcq_loglik_accuracy(model, tokenizer, template, records: list[dict], batch_size: int = 8) -> float:
