@@ -9,7 +9,9 @@ Metrics (each from its own flag):
   pairwise accuracy and margin (--reward_model);
 - answer accuracy on questions with verifiable answers (--answer_file, GRPO's format), generated and scored
   with the reward functions (--reward_funcs);
-- sample answers to held-out conversations (--questions_file), printed beside the references.
+- sample answers to held-out conversations (--questions_file), printed beside the references;
+- a distilled student's distance from its teacher (--teacher_model): the mean per-token KL(teacher || student)
+  on the reference answers of held-out conversations (--kl_file).
 
 Each run appends {"name", "metrics", "samples"} to --results_file (JSON lines) and prints the table of all rows:
 
@@ -32,9 +34,16 @@ from medicalgpt.data import (
     to_text,
 )
 from medicalgpt.data.loading import LoadReport, convert_records
+from medicalgpt.data.processors import prompt_and_response
 from medicalgpt.data.readers import find_data_files, iter_records
 from medicalgpt.errors import DataError, run_cli
-from medicalgpt.evaluation import mcq_loglik_accuracy, perplexity, preference_accuracy, reward_model_accuracy
+from medicalgpt.evaluation import (
+    mcq_loglik_accuracy,
+    perplexity,
+    preference_accuracy,
+    reward_model_accuracy,
+    teacher_kl,
+)
 from medicalgpt.generation import generate
 from medicalgpt.modeling import load_for_inference, load_model, load_reward_model, load_tokenizer, set_stop_tokens
 from medicalgpt.report import markdown
@@ -64,6 +73,10 @@ class EvalArguments:
     questions_file: str | None = field(default=None, metadata={
         "help": "Conversation files/dirs: the model answers each last user turn; the reference is printed beside."})
     num_questions: int = field(default=5, metadata={"help": "Sample answers to print from --questions_file."})
+    teacher_model: str | None = field(default=None, metadata={
+        "help": "Report the KL of this teacher's next-token distributions from the model's (distillation)."})
+    kl_file: str = field(default="data/sft/validation", metadata={
+        "help": "Conversations whose reference answers --teacher_model's KL is measured on."})
     max_new_tokens: int = field(default=64)
     batch_size: int = field(default=8)
     results_file: str | None = field(default=None, metadata={"help": "Append the metrics row here (JSON lines)."})
@@ -148,6 +161,14 @@ def sample_answers(model, tokenizer, template, args: EvalArguments) -> list[dict
             for c, a in zip(conversations, answers, strict=True)]
 
 
+def distance_from_teacher(model, model_args, tokenizer, template, args: EvalArguments) -> float:
+    """Mean per-token KL(teacher || model) on the reference answers of --kl_file's conversations."""
+    teacher = load_model(ModelArguments(**{**vars(model_args), "model_name_or_path": args.teacher_model})).eval()
+    pairs = [prompt_and_response(tokenizer, template, c["messages"][:-1], None, c["messages"][-1]["content"])
+             for c in _records(args.kl_file, to_conversation)]
+    return teacher_kl(model, teacher, pairs, args.batch_size)
+
+
 def evaluate_model(model_args: ModelArguments, args: EvalArguments) -> dict:
     """Every requested metric of one model, and its sample answers."""
     tokenizer = load_tokenizer(model_args, args.lora_model)
@@ -168,6 +189,8 @@ def evaluate_model(model_args: ModelArguments, args: EvalArguments) -> dict:
         metrics.update(preference_metrics(model, model_args, tokenizer, template, args))
     if args.answer_file:
         metrics["answer_accuracy"] = answer_accuracy(model, tokenizer, template, args)
+    if args.teacher_model:
+        metrics["teacher_kl"] = distance_from_teacher(model, model_args, tokenizer, template, args)
     if args.questions_file:
         samples = sample_answers(model, tokenizer, template, args)
     return {"name": args.name, "metrics": metrics, "samples": samples}

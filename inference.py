@@ -5,6 +5,7 @@ tokenizer template, or --template_name), and generation stops at EOS and the tem
 
     python inference.py --base_model outputs-pt --lora_model outputs-sft --prompt "高血压用什么药？"
     python inference.py --lora_model outputs-sft --data_file questions.txt --output_file answers.jsonl
+    python inference.py --base_model TEACHER --data_file prompts.jsonl --output_file sft.jsonl --output_format sft
     python inference.py --base_model outputs-merged --interactive --system_prompt "你是一个专业的医疗助手。"
 
 A --data_file holds one prompt per line (.txt) or conversation records (.jsonl/.json: messages, conversations
@@ -38,6 +39,9 @@ class InferenceArguments:
         "help": "Mode 2: answer every prompt of these .txt/.jsonl/.json files (comma-separated) in batches."})
     output_file: str | None = field(default=None, metadata={
         "help": "With --data_file: write the answers here as JSON lines, in input order."})
+    output_format: str = field(default="answers", metadata={"choices": ["answers", "sft"], "help": (
+        "answers: each request with its \"response\"; sft: each conversation ending with the answer as the "
+        "assistant's turn, an SFT file (offline distillation: a teacher's answers to train a student on).")})
     interactive: bool = field(default=False, metadata={"help": "Mode 3: chat on stdin, streaming each reply."})
     batch_size: int = field(default=8, metadata={"help": "Prompts per left-padded batch (--data_file)."})
     seed: int = field(default=42, metadata={"help": "Random seed, for reproducible sampling."})
@@ -117,6 +121,13 @@ def answer(model, tokenizer, template, requests: list[dict], args: InferenceArgu
             for request, response in zip(requests, responses, strict=True)]
 
 
+def as_sft_record(row: dict, system_prompt: str | None) -> dict:
+    """An answered request as a conversation in OpenAI-messages form, the answer its last (assistant) turn."""
+    messages = row.get("messages") or [{"role": "user", "content": row["prompt"]}]
+    record = {"messages": [*with_system(messages, system_prompt), {"role": "assistant", "content": row["response"]}]}
+    return {**record, "tools": row["tools"]} if row.get("tools") else record
+
+
 def write_rows(rows: list[dict], output_file: str) -> None:
     path = Path(output_file)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -166,7 +177,14 @@ def main(argv: list[str] | None = None) -> None:
     if args.prompt is not None:
         print(answer(model, tokenizer, template, [{"prompt": args.prompt}], args, gen_args, False)[0]["response"])
     elif requests:
-        write_rows(answer(model, tokenizer, template, requests, args, gen_args), args.output_file)
+        rows = answer(model, tokenizer, template, requests, args, gen_args)
+        if args.output_format == "sft":
+            # An empty answer would be a record no stage accepts: leave it out, and say how many.
+            answered = [as_sft_record(row, args.system_prompt) for row in rows if row["response"].strip()]
+            if len(answered) < len(rows):
+                print(f"Left out {len(rows) - len(answered)} of {len(rows)} prompts whose answer was empty")
+            rows = answered
+        write_rows(rows, args.output_file)
     else:
         chat(model, tokenizer, template, args, gen_args)
 

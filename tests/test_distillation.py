@@ -2,6 +2,8 @@
 teacher are refused up front; the offline recipe (teacher answers, then SFT) runs end to end."""
 
 import json
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +16,7 @@ from medicalgpt.errors import UsageError
 from medicalgpt.evaluation import teacher_kl
 from medicalgpt.templates import resolve_template
 
+REPO = Path(__file__).resolve().parents[1]
 FAST = ["--report_to", "none", "--save_strategy", "no", "--disable_tqdm", "True", "--logging_steps", "5",
         "--validation_split_percentage", "0"]
 
@@ -84,3 +87,29 @@ def test_prompts_stop_at_the_last_user_turn():
     assert distillation_training.to_distillation_prompt(record) == {"prompt": [
         {"role": "user", "content": "q1"}, {"role": "assistant", "content": "a1"}, {"role": "user", "content": "q2"}]}
     assert json.dumps(distillation_training.to_distillation_prompt({"instruction": "q", "output": "a"}))
+
+
+def test_offline_distillation_teacher_answers_become_an_sft_file_a_student_trains_on(tiny_model_dir, tmp_path,
+                                                                                      capsys):
+    import inference
+    import supervised_finetuning
+
+    prompts = tmp_path / "prompts.jsonl"
+    lines = (REPO / "data/sft/validation/sharegpt_medical.jsonl").read_text(encoding="utf-8").splitlines()[:6]
+    prompts.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    answers = tmp_path / "teacher_sft.jsonl"
+    inference.main(["--base_model", tiny_model_dir, "--data_file", str(prompts), "--output_file", str(answers),
+                    "--output_format", "sft", "--max_new_tokens", "8", "--temperature", "1"])
+
+    records = [json.loads(line) for line in answers.read_text(encoding="utf-8").splitlines()]
+    empty = re.search(r"Left out (\d+) of 6 prompts whose answer was empty", capsys.readouterr().out)
+    assert len(records) + (int(empty[1]) if empty else 0) == len(lines) and records
+    prompts_asked = [to_conversation(json.loads(line))["messages"][:-1] for line in lines]
+    for record in records:  # each is an SFT record: one of the prompts, with the teacher's answer as the last turn
+        assert to_conversation(record)["messages"][:-1] in prompts_asked
+        assert record["messages"][-1]["role"] == "assistant" and record["messages"][-1]["content"].strip()
+
+    metrics = supervised_finetuning.main(["--model_name_or_path", tiny_model_dir, "--train_file_dir", str(answers),
+                                          "--output_dir", str(tmp_path / "student"), "--max_steps", "2",
+                                          "--per_device_train_batch_size", "2", *FAST])
+    assert metrics["train_loss"] > 0
