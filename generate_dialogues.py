@@ -64,4 +64,6 @@ def main(argv: list[str] | None = None) -> RunSummary:
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO)
+    for name in ("httpx", "httpx2"):  # their line per request would bury the progress bar
+        logging.getLogger(name).setLevel(logging.WARNING)
     run_cli(main)

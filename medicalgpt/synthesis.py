@@ -238,8 +238,9 @@ class Speaker:
             if isinstance(error, openai.NotFoundError):
                 raise UsageError(f"{self.base_url} answered 404 to a chat request ({error.message}): check --"
                                  f"{self.role}_model or --model ({self.model!r})") from None
-            if isinstance(error, openai.AuthenticationError | openai.PermissionDeniedError):
-                raise UsageError(endpoint_problem(self, error)) from None
+            # A refused key, or a server still unreachable after every retry, would fail every other dialogue too.
+            if isinstance(error, openai.AuthenticationError | openai.PermissionDeniedError | openai.APIConnectionError):
+                raise UsageError(f"{endpoint_problem(self, error)}; then rerun the same command to resume") from None
             raise
         counts.requests += 1
         counts.retries += raw.retries_taken
@@ -467,7 +468,7 @@ async def generate(personas: list[Persona], speakers: dict[str, Speaker], store:
                 reason = "too_short" if len(turns) < 2 * args.min_turns else None
                 if reason is None and reviewer_prompt:
                     reason = await review(speakers["reviewer"], reviewer_prompt, turns, args.language)
-            except UsageError as error:  # a refused key or a wrong model: every other dialogue would fail too
+            except UsageError as error:  # from say(): an endpoint problem that stops the run
                 fatal.append(str(error))
                 return
             except (openai.APIError, MalformedResponse) as error:

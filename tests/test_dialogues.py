@@ -243,6 +243,11 @@ def test_wrong_key_url_or_flag_is_one_line_before_any_generation(stub, api_key, 
             generate_dialogues.main([*stub_args(stub, personas, output), *flags])
         monkeypatch.setenv("OPENAI_API_KEY", KEY)
     assert stub.chat_requests == 0 and not output.exists()
+    stub.faults = ["drop"] * 2  # the server goes away mid-run: after the retries the run stops, to be resumed
+    with pytest.raises(UsageError, match=r"cannot reach .*rerun the same command to resume"):
+        generate_dialogues.main([*stub_args(stub, personas, output), "--max_retries", "1"])
+    assert stub.chat_requests == 2 and not output.exists()
+    assert json.loads(output.with_suffix(".summary").read_text())["roles"]["patient"]["failed_requests"] == 1
     with pytest.raises(SystemExit):  # there is no flag for the key itself: `ps` would show it
         generate_dialogues.main([*stub_args(stub, personas, output), "--api_key", KEY])
 
