@@ -16,6 +16,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from test_serving import model_dir  # noqa: F401  (the fixture: a tiny model whose greedy answers differ by prompt)
 
 import generate_dialogues
 import supervised_finetuning
@@ -92,7 +93,7 @@ def stub_reply(messages: list[dict]) -> str:
         return "UNSAFE" if "overdose" in messages[-1]["content"] else "Verdict: SAFE."
     if "患者资料" in system or "The patient:" in system:  # the patient: two complaints, then the end marker
         who = system.rsplit("\n", 1)[-1].strip()
-        return "[END]" if said == 2 else f"{who} complaint {said + 1}"
+        return "Thank you, doctor. [END]" if said == 2 else f"{who} complaint {said + 1}"
     return f"Advice {said + 1} on: {messages[-1]['content']}"
 
 
@@ -250,18 +251,20 @@ def test_wrong_key_url_or_flag_is_one_line_before_any_generation(stub, api_key, 
     assert json.loads(output.with_suffix(".summary").read_text())["roles"]["patient"]["failed_requests"] == 1
     with pytest.raises(SystemExit):  # there is no flag for the key itself: `ps` would show it
         generate_dialogues.main([*stub_args(stub, personas, output), "--api_key", KEY])
+    with pytest.raises(UsageError, match="--min_turns between 1 and --num_turns"):
+        generate_dialogues.main([*stub_args(stub, personas, output), "--min_turns", "5"])
 
 
 # --- end to end: our own server on the tiny model ------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
-def served(tiny_model_dir, tmp_path_factory) -> Iterator[str]:
+def served(model_dir, tmp_path_factory) -> Iterator[str]:  # noqa: F811
     """openai_api.py serving the tiny model in its own process, with an API key; its /v1 URL."""
     port, log = free_port(), tmp_path_factory.mktemp("server") / "server.log"
     url = f"http://127.0.0.1:{port}/v1"
     with log.open("w") as out:
-        process = subprocess.Popen([sys.executable, "openai_api.py", "--base_model", tiny_model_dir, "--api_key", KEY,
+        process = subprocess.Popen([sys.executable, "openai_api.py", "--base_model", model_dir, "--api_key", KEY,
                                     "--port", str(port)], cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
                                    env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"})
     try:
@@ -284,9 +287,10 @@ def up(url: str) -> bool:
 
 def test_dialogues_from_our_server_validate_and_train(served, api_key, tmp_path, tiny_model_dir):
     output = tmp_path / "dialogues.jsonl"
-    # The untrained model babbles: sampled replies are never empty, so every dialogue runs its two exchanges.
+    # Greedy, so the run is the same every time: this model's answers are never empty and differ by prompt, so
+    # every dialogue runs its two exchanges.
     summary = generate_dialogues.main(["--base_url", served, "--num_dialogues", "3", "--num_turns", "2",
-                                       "--max_tokens", "12", "--temperature", "1.0", "--output_file", str(output)])
+                                       "--max_tokens", "12", "--temperature", "0", "--output_file", str(output)])
     records = read_jsonl(output)
     assert summary.kept == len(records) == 3 and summary.failed == 0
     assert all(len(r["conversations"]) == 4 for r in records)
