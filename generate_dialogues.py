@@ -16,12 +16,12 @@ import logging
 from medicalgpt.args import parse_args
 from medicalgpt.errors import run_cli
 from medicalgpt.synthesis import (
-    DOCTOR_PROMPTS,
     DialogueArguments,
     DialogueStore,
     RunSummary,
     build_speakers,
     check_endpoints,
+    doctor_prompts,
     generate,
     knowledge_personas,
     read_personas,
@@ -34,15 +34,14 @@ logger = logging.getLogger(__name__)
 async def run(args: DialogueArguments) -> RunSummary:
     personas = (read_personas(args.personas) if args.personas
                 else knowledge_personas(args.num_dialogues or 40, args.language, args.seed))[:args.num_dialogues]
-    doctor_prompt = (read_prompt(args.doctor_prompt_file, "doctor_prompt_file") if args.doctor_prompt_file
-                     else DOCTOR_PROMPTS[args.language].format(end_marker=args.end_marker))
+    doctors = doctor_prompts(args)
     reviewer_prompt = (read_prompt(args.reviewer_prompt_file, "reviewer_prompt_file") if args.reviewer_prompt_file
                        else None)
     speakers = build_speakers(args)
     try:
         await check_endpoints(speakers)
         store = DialogueStore(args.output_file, args.output_format)
-        return await generate(personas, speakers, store, args, doctor_prompt, reviewer_prompt)
+        return await generate(personas, speakers, store, args, doctors, reviewer_prompt)
     finally:
         for speaker in speakers.values():
             await speaker.client.close()

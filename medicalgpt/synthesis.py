@@ -51,6 +51,8 @@ PATIENT_PROMPTS = {
           "questions are answered, say only {end_marker}.\n\nThe patient:\n{persona}",
 }
 SPEAKER_LABELS = {"zh": ("患者", "医生"), "en": ("Patient", "Doctor")}
+SPEAKER_LABEL = {"patient": re.compile(r"^\s*(?:患者|病人|Patient)\s*[:：]\s*", re.IGNORECASE),
+                 "doctor": re.compile(r"^\s*(?:医生|护士|Doctor|Nurse)\s*[:：]\s*", re.IGNORECASE)}
 
 # Knowledge-table personas: every condition × age × temperament; sex drawn per persona unless the condition fixes it.
 AGES = (23, 36, 49, 62, 75)
@@ -102,7 +104,9 @@ class DialogueArguments:
     language: str = field(default="zh", metadata={
         "help": "Language of the built-in prompts and knowledge-table personas.", "choices": list(LANGUAGES)})
     doctor_prompt_file: str | None = field(default=None, metadata={
-        "help": "The doctor's system prompt (a text file). Default: a built-in one that asks for --end_marker."})
+        "help": "The doctor's system prompt: a text file, or a .jsonl of clinician personas in the seed format (e.g. "
+                "MedicalGPT's seed_nurse_role.jsonl), one drawn per dialogue. Default: a built-in prompt that asks "
+                "for --end_marker."})
     num_turns: int = field(default=6, metadata={"help": "Most patient-doctor exchanges per dialogue."})
     min_turns: int = field(default=1, metadata={"help": "Dialogues with fewer exchanges are rejected as too short."})
     end_marker: str = field(default="[END]", metadata={
@@ -143,21 +147,21 @@ def content_id(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def read_personas(path: str) -> list[Persona]:
+def read_personas(path: str, flag: str = "personas") -> list[Persona]:
     """Personas of a seed file (one {"system_prompt": ...} a line); without an `id` a persona is named by its text,
     so reordering or extending the file keeps the names a resumed run matches on."""
     if not Path(path).is_file():
-        raise UsageError(f"--personas {path}: no such file")
+        raise UsageError(f"--{flag} {path}: no such file")
     personas: dict[str, Persona] = {}
     for where, record in iter_records(Path(path)):
         prompt = record.get("system_prompt") if isinstance(record, dict) else None
         if isinstance(record, DataError) or not isinstance(prompt, str) or not prompt.strip():
-            problem = record if isinstance(record, DataError) else 'expected {"system_prompt": "<the patient>"}'
+            problem = record if isinstance(record, DataError) else 'expected {"system_prompt": "<the persona>"}'
             raise DataError(f"{where}: {problem} (one persona a line, MedicalGPT's seed format)")
         persona = Persona(str(record.get("id") or content_id(prompt.strip())), prompt.strip())
         personas.setdefault(persona.id, persona)  # a line repeated in the file is one persona
     if not personas:
-        raise UsageError(f"--personas {path}: no personas in the file")
+        raise UsageError(f"--{flag} {path}: no personas in the file")
     return list(personas.values())
 
 
@@ -310,9 +314,24 @@ async def check_endpoints(speakers: dict[str, Speaker]) -> None:
                            speaker.model, ", ".join(served[:10]))
 
 
-def split_marker(text: str, end_marker: str) -> tuple[str, bool]:
-    """The text before the end marker, and whether the marker was there."""
-    before, found, _ = text.partition(end_marker)
+def doctor_prompts(args: DialogueArguments) -> list[str]:
+    """The doctor's system prompts: the built-in one, a text file's, or the personas of a seed file."""
+    if not args.doctor_prompt_file:
+        return [DOCTOR_PROMPTS[args.language].format(end_marker=args.end_marker)]
+    if args.doctor_prompt_file.endswith((".jsonl", ".json")):
+        return [p.system_prompt for p in read_personas(args.doctor_prompt_file, "doctor_prompt_file")]
+    return [read_prompt(args.doctor_prompt_file, "doctor_prompt_file")]
+
+
+def doctor_for(persona: Persona, prompts: list[str]) -> str:
+    """The persona's doctor, the same in every run (a resumed persona meets the doctor it would have met)."""
+    return prompts[int(content_id(persona.id), 16) % len(prompts)]
+
+
+def clean_reply(text: str, role: str, end_marker: str) -> tuple[str, bool]:
+    """The reply without a leading speaker label (role-playing models often write one) and without the end marker
+    and what follows it; and whether the marker was there."""
+    before, found, _ = SPEAKER_LABEL[role].sub("", text, count=1).partition(end_marker)
     return before.strip(), bool(found)
 
 
@@ -336,12 +355,12 @@ async def role_play(persona: Persona, doctor: Speaker, patient: Speaker, doctor_
     doctor_view = [{"role": "system", "content": doctor_prompt}]
     turns: list[str] = []
     for _ in range(args.num_turns):
-        question, patient_done = split_marker(await patient.say(patient_view), args.end_marker)
+        question, patient_done = clean_reply(await patient.say(patient_view), "patient", args.end_marker)
         if patient_done or not question or normalized(question) in map(normalized, turns[0::2]):
             break
         patient_view.append({"role": "assistant", "content": question})
         doctor_view.append({"role": "user", "content": question})
-        answer, doctor_done = split_marker(await doctor.say(doctor_view), args.end_marker)
+        answer, doctor_done = clean_reply(await doctor.say(doctor_view), "doctor", args.end_marker)
         if not answer or normalized(answer) in map(normalized, turns[1::2]):
             break
         turns += [question, answer]
@@ -452,7 +471,7 @@ class RunSummary:
 
 
 async def generate(personas: list[Persona], speakers: dict[str, Speaker], store: DialogueStore,
-                   args: DialogueArguments, doctor_prompt: str, reviewer_prompt: str | None) -> RunSummary:
+                   args: DialogueArguments, doctor_prompts: list[str], reviewer_prompt: str | None) -> RunSummary:
     """Role-play every persona not yet in the store, --concurrency at a time, with a progress bar."""
     todo = [p for p in personas if p.id not in store.done]
     summary = RunSummary(str(store.kept_path), len(personas), len(personas) - len(todo))
@@ -464,7 +483,8 @@ async def generate(personas: list[Persona], speakers: dict[str, Speaker], store:
             if fatal:
                 return
             try:
-                turns = await role_play(persona, speakers["doctor"], speakers["patient"], doctor_prompt, args)
+                turns = await role_play(persona, speakers["doctor"], speakers["patient"],
+                                        doctor_for(persona, doctor_prompts), args)
                 reason = "too_short" if len(turns) < 2 * args.min_turns else None
                 if reason is None and reviewer_prompt:
                     reason = await review(speakers["reviewer"], reviewer_prompt, turns, args.language)

@@ -73,13 +73,15 @@ def test_knowledge_personas_are_distinct_reproducible_and_extendable():
 
 
 class StubAPI(ThreadingHTTPServer):
-    """Chat completions that play both roles and the reviewer predictably; `faults` are served first, one per
-    chat request: 429, 500, drop (close without an answer), malformed (a 200 with broken JSON)."""
+    """Chat completions that play both roles and the reviewer predictably (the roles' replies with the speaker
+    labels role-playing models write); `faults` are served first, one per chat request: 429, 500, drop (close
+    without an answer), malformed (a 200 with broken JSON). It keeps the system prompts it was sent."""
 
     def __init__(self):
         super().__init__(("127.0.0.1", free_port()), StubHandler)
         self.faults: list[str] = []
         self.chat_requests = 0
+        self.system_prompts: list[str] = []
         self.lock = threading.Lock()
 
     @property
@@ -93,8 +95,8 @@ def stub_reply(messages: list[dict]) -> str:
         return "UNSAFE" if "overdose" in messages[-1]["content"] else "Verdict: SAFE."
     if "患者资料" in system or "The patient:" in system:  # the patient: two complaints, then the end marker
         who = system.rsplit("\n", 1)[-1].strip()
-        return "Thank you, doctor. [END]" if said == 2 else f"{who} complaint {said + 1}"
-    return f"Advice {said + 1} on: {messages[-1]['content']}"
+        return "Thank you, doctor. [END]" if said == 2 else f"患者：{who} complaint {said + 1}"
+    return f"Doctor: Advice {said + 1} on: {messages[-1]['content']}"
 
 
 class StubHandler(BaseHTTPRequestHandler):
@@ -131,6 +133,7 @@ class StubHandler(BaseHTTPRequestHandler):
             return
         with self.server.lock:
             self.server.chat_requests += 1
+            self.server.system_prompts.append(body["messages"][0]["content"])
             fault = self.server.faults.pop(0) if self.server.faults else ""
         quick_retry = {"retry-after-ms": "1"}  # the client honours it: no backoff wait in the test
         if fault == "429":
@@ -192,11 +195,13 @@ def test_faults_are_retried_unsafe_and_duplicates_dropped_and_reruns_finish_ever
     assert sorted(ids) == sorted(read_personas(str(personas))[i].id for i in range(5))  # each exactly once
     assert sorted(r["rejected"] for r in rejected) == ["duplicate", "unsafe"]
     assert {r["id"] for r in rejected if r["rejected"] == "unsafe"} == {content_id(SEED_LINES[2]["system_prompt"])}
-    # The patient ends the consultation after two complaints: two exchanges, patient first, the marker removed.
+    # The patient ends the consultation after two complaints: two exchanges, patient first, without the patient's
+    # closing words, the end marker or the speaker labels.
     for record in kept:
         turns = record["conversations"]
         assert [t["from"] for t in turns] == ["human", "gpt"] * 2
-        assert turns[3]["value"] == f"Advice 2 on: {turns[2]['value']}" and "[END]" not in json.dumps(record)
+        assert turns[3]["value"] == f"Advice 2 on: {turns[2]['value']}" and "complaint 2" in turns[2]["value"]
+        assert not any(label in t["value"] for t in turns for label in ("[END]", "患者：", "Doctor:", "Thank you"))
     results = validate_data.main([str(output), "--stage", "sft", "--model_name_or_path", tiny_model_dir])
     assert (results[0]["records"], results[0]["bad"], results[0]["format"]) == (3, 0, "sharegpt")
 
@@ -210,14 +215,16 @@ def test_faults_are_retried_unsafe_and_duplicates_dropped_and_reruns_finish_ever
     assert read_jsonl(output) == kept
 
 
-def test_openai_messages_output_and_a_doctor_that_ends_the_consultation(stub, api_key, tmp_path):
+def test_openai_messages_output_nurse_personas_and_a_doctor_that_ends_the_consultation(stub, api_key, tmp_path):
     personas = write_jsonl(tmp_path / "seed.jsonl", SEED_LINES[:2])
-    doctor_prompt = tmp_path / "doctor.txt"
-    doctor_prompt.write_text("Answer once, then say [END].")
+    nurses = [{"system_prompt": "你是林悦，一名护士。\n性格特点：温柔耐心"}, {"system_prompt": "李强\n职业：护士"}]
     output = tmp_path / "openai.jsonl"
-    stub.faults = []
-    summary = generate_dialogues.main(stub_args(stub, personas, output, "--output_format", "openai",
-                                                "--doctor_prompt_file", str(doctor_prompt), "--end_marker", "on:"))
+    stub.faults, stub.system_prompts = [], []
+    summary = generate_dialogues.main(stub_args(stub, personas, output, "--output_format", "openai", "--end_marker",
+                                                "on:", "--doctor_prompt_file",
+                                                str(write_jsonl(tmp_path / "seed_nurse_role.jsonl", nurses))))
+    # MedicalGPT's nurse seed file: every clinician turn is played by one of its personas.
+    assert {p for p in stub.system_prompts if "患者资料" not in p} <= {n["system_prompt"] for n in nurses}
     # The doctor's "Advice 1 on: ..." holds the end marker: kept up to the marker, and the dialogue ends there.
     assert summary.kept == 2
     assert [r["messages"] for r in read_jsonl(output)] == [
