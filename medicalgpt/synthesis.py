@@ -349,9 +349,8 @@ async def role_play(persona: Persona, doctor: Speaker, patient: Speaker, doctor_
     """The dialogue's turns, patient first, ending with the doctor. It stops after --num_turns exchanges, when
     either side says the end marker (the doctor's last words are kept, the patient's closing words are not), or
     when a reply is empty or repeats that side's earlier words (that exchange is dropped)."""
-    patient_view = [{"role": "system", "content": PATIENT_PROMPTS[args.language].format(
-        persona=persona.system_prompt, end_marker=args.end_marker)},
-                    {"role": "user", "content": OPENERS[args.language]}]
+    patient_prompt = PATIENT_PROMPTS[args.language].format(persona=persona.system_prompt, end_marker=args.end_marker)
+    patient_view = [{"role": "system", "content": patient_prompt}, {"role": "user", "content": OPENERS[args.language]}]
     doctor_view = [{"role": "system", "content": doctor_prompt}]
     turns: list[str] = []
     for _ in range(args.num_turns):
@@ -414,8 +413,8 @@ def read_jsonl_for_resume(path: Path) -> list[dict]:
     for number, line in enumerate(complete.decode("utf-8").splitlines(), start=1):
         try:
             record = json.loads(line)
-            if not isinstance(record, dict) or "id" not in record:
-                raise ValueError("no id")
+            if not (isinstance(record, dict) and "id" in record and {"conversations", "messages"} & set(record)):
+                raise ValueError("no id and conversations or messages")
             records.append(record)
         except ValueError as error:
             raise DataError(f"{path}:{number}: not a dialogue this tool wrote ({error}); use another --output_file or "

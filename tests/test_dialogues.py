@@ -260,6 +260,9 @@ def test_wrong_key_url_or_flag_is_one_line_before_any_generation(stub, api_key, 
         generate_dialogues.main([*stub_args(stub, personas, output), "--api_key", KEY])
     with pytest.raises(UsageError, match="--min_turns between 1 and --num_turns"):
         generate_dialogues.main([*stub_args(stub, personas, output), "--min_turns", "5"])
+    other = write_jsonl(tmp_path / "sft.jsonl", [{"conversations": [{"from": "human", "value": "hi"}]}])
+    with pytest.raises(UsageError, match=r"sft.jsonl:1: not a dialogue this tool wrote"):  # resuming it would mix
+        generate_dialogues.main(stub_args(stub, personas, other))
 
 
 # --- end to end: our own server on the tiny model ------------------------------------------------------------------
