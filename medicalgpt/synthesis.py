@@ -267,7 +267,7 @@ def make_speaker(role: str, base_url: str, model: str, api_key_env: str, args: D
     api_key = os.environ.get(api_key_env)
     if not api_key:
         raise UsageError(f"set ${api_key_env} to the API key of {base_url} (any non-empty value for a server "
-                         f"without keys), or name another variable with --{role}_api_key_env")
+                         f"without keys), or name another variable with --api_key_env or --{role}_api_key_env")
     client = openai.AsyncOpenAI(base_url=base_url, api_key=api_key, max_retries=args.max_retries,
                                 timeout=args.timeout)
     return Speaker(role, model, api_key_env, client, sampling, RoleCounts(base_url, model))
