@@ -1,9 +1,10 @@
-"""PT, DPO (with and without precomputed reference log-probs) and RM against SFT on the same model and data:
-time per optimizer step, tokens per step and peak memory.
+"""PT, DPO (with and without precomputed reference log-probs), RM and on-policy distillation against SFT on the
+same model and data: time per optimizer step, tokens per step and peak memory.
 
 The data are the preference pairs of data/preference/train: DPO and RM train on them; SFT on each prompt with its
-chosen answer; PT on the same conversations as plain text. Every configuration uses LoRA rank 8 on all linear
-layers and runs in its own process (benchmarks.training), so its peak memory is its own.
+chosen answer; PT on the same conversations as plain text; distillation on the same prompts, with the model as its
+own teacher (64-token answers; the cost is a teacher of the student's size). Every configuration uses LoRA rank 8
+on all linear layers and runs in its own process (benchmarks.training), so its peak memory is its own.
 
     python -m benchmarks.preference                  # 'large' CPU model (25M), 12 steps per configuration
     python -m benchmarks.preference --quick          # tiny model, 3 steps, in this process: checks the script runs
@@ -18,13 +19,16 @@ from benchmarks.training import REPO, run_stage
 from medicalgpt.default_model import ensure_default_model
 
 PAIRS = REPO / "data/preference/train/preference_medical.jsonl"
-# name -> (stage module, its flags); "{dir}" is the folder of the data written by write_same_data.
+# name -> (stage module, its flags); "{dir}" is the folder of the data written by write_same_data, "{model}" the
+# model measured.
 CONFIGS = {
     "sft": ("supervised_finetuning", ["--train_file_dir", "{dir}/sft.jsonl", "--max_length", "512"]),
     "pt": ("pretraining", ["--train_file_dir", "{dir}/pt.txt", "--block_size", "128"]),
     "dpo": ("dpo_training", ["--train_file_dir", str(PAIRS)]),
     "dpo_precomputed_ref": ("dpo_training", ["--train_file_dir", str(PAIRS), "--precompute_ref_log_probs", "True"]),
     "rm": ("reward_modeling", ["--train_file_dir", str(PAIRS)]),
+    "distill": ("distillation_training", ["--train_file_dir", "{dir}/sft.jsonl", "--teacher_model_name_or_path",
+                                          "{model}", "--max_completion_length", "64"]),
 }
 
 
@@ -44,7 +48,7 @@ def compare_stages(model: str, steps: int, batch: int, isolate: bool = True) -> 
     with tempfile.TemporaryDirectory() as tmp:
         write_same_data(Path(tmp))
         for name, (stage, flags) in CONFIGS.items():
-            flags = [flag.replace("{dir}", tmp) for flag in flags]
+            flags = [flag.replace("{dir}", tmp).replace("{model}", model) for flag in flags]
             run = run_stage(stage, ["--model_name_or_path", model, "--max_steps", str(steps), "--lora_rank", "8",
                                     "--per_device_train_batch_size", str(batch), *flags],
                             Path(tmp) / name, isolate)

@@ -43,7 +43,7 @@ def test_quick_cpu_suite(tmp_path):
     assert sum(mfu["profile"]["share"].values()) == pytest.approx(1, abs=0.01)
 
     stages = {r["config"]: r for r in result["stages"]["rows"]}
-    assert set(stages) == {"sft", "pt", "dpo", "dpo_precomputed_ref", "rm"}
+    assert set(stages) == {"sft", "pt", "dpo", "dpo_precomputed_ref", "rm", "distill"}
     assert stages["sft"]["step_vs_sft"] == 1 and all(r["step_seconds"] > 0 for r in stages.values())
 
     files = len(list(preprocessing.SHIPPED.glob("*.jsonl")))  # the 1,000 quick records, split evenly over them

@@ -3,6 +3,7 @@ teacher are refused up front; the offline recipe (teacher answers, then SFT) run
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -113,3 +114,31 @@ def test_offline_distillation_teacher_answers_become_an_sft_file_a_student_train
                                           "--output_dir", str(tmp_path / "student"), "--max_steps", "2",
                                           "--per_device_train_batch_size", "2", *FAST])
     assert metrics["train_loss"] > 0
+
+
+def test_an_interrupted_run_resumes_to_the_uninterrupted_weights(tiny_model_dir, teacher_dir, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    def run(output_dir, *extra):
+        distillation_training.main([
+            "--model_name_or_path", tiny_model_dir, "--teacher_model_name_or_path", teacher_dir,
+            "--train_file_dir", "data/sft/train", "--max_train_samples", "32", "--output_dir", str(output_dir),
+            "--use_peft", "False", "--learning_rate", "5e-3", "--per_device_train_batch_size", "4",
+            "--max_completion_length", "8", "--report_to", "none", "--disable_tqdm", "True",
+            "--validation_split_percentage", "0", "--save_strategy", "steps", "--save_steps", "2", *extra])
+
+    run(tmp_path / "straight", "--max_steps", "4")
+    interrupted, tampered = tmp_path / "interrupted", tmp_path / "tampered"
+    for directory in (interrupted, tampered):  # as if stopped after step 2
+        shutil.copytree(tmp_path / "straight" / "checkpoint-2", directory / "checkpoint-2")
+    run(interrupted, "--max_steps", "4", "--resume_from_checkpoint", "auto")
+    straight, resumed = (load_file(d / "model.safetensors") for d in (tmp_path / "straight", interrupted))
+    for name in straight:
+        torch.testing.assert_close(resumed[name], straight[name], atol=1e-6, rtol=0)
+
+    # The checkpoint is what the run continues from (a fresh start would give the same weights as the straight run).
+    weights = tampered / "checkpoint-2" / "model.safetensors"
+    save_file({name: tensor + 0.01 for name, tensor in load_file(weights).items()}, weights)
+    run(tampered, "--max_steps", "4", "--resume_from_checkpoint", "auto")
+    assert not torch.allclose(load_file(tampered / "model.safetensors")["model.norm.weight"],
+                              straight["model.norm.weight"])
