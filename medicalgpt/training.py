@@ -175,7 +175,8 @@ class StopOnSignal(TrainerCallback):
     """SIGINT (Ctrl-C) or SIGTERM: finish the current optimizer step, save a checkpoint and stop.
 
     Use as a context manager around the training loop (main thread only: Python delivers signals there). The first
-    signal only sets a flag; a second one acts as before (Ctrl-C twice aborts at once).
+    signal only sets a flag; a second one acts as before (Ctrl-C twice aborts at once). A signal the process
+    inherited as ignored (nohup, a shell's background job) stays ignored.
     """
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -187,7 +188,8 @@ class StopOnSignal(TrainerCallback):
 
     def __enter__(self) -> "StopOnSignal":
         if threading.current_thread() is threading.main_thread():
-            self._previous = {signum: signal.signal(signum, self._handle) for signum in self.SIGNALS}
+            self._previous = {signum: signal.signal(signum, self._handle) for signum in self.SIGNALS
+                              if signal.getsignal(signum) is not signal.SIG_IGN}
         return self
 
     def __exit__(self, *exc) -> None:
