@@ -36,7 +36,14 @@ from medicalgpt.data.readers import find_data_files, iter_records
 from medicalgpt.errors import DataError, run_cli
 from medicalgpt.evaluation import mcq_loglik_accuracy, perplexity, preference_accuracy, reward_model_accuracy
 from medicalgpt.generation import generate
-from medicalgpt.modeling import load_for_inference, load_model, load_reward_model, load_tokenizer, set_stop_tokens
+from medicalgpt.modeling import (
+    load_for_inference,
+    load_model,
+    load_reward_model,
+    load_tokenizer,
+    set_stop_tokens,
+    with_adapter_base,
+)
 from medicalgpt.report import markdown
 from medicalgpt.rewards import choice_accuracy, load_reward_functions
 from medicalgpt.templates import resolve_template
@@ -150,6 +157,7 @@ def sample_answers(model, tokenizer, template, args: EvalArguments) -> list[dict
 
 def evaluate_model(model_args: ModelArguments, args: EvalArguments) -> dict:
     """Every requested metric of one model, and its sample answers."""
+    model_args = with_adapter_base(model_args, args.lora_model)
     tokenizer = load_tokenizer(model_args, args.lora_model)
     template = resolve_template(tokenizer, args.template_name)
     model = load_for_inference(model_args, args.lora_model)

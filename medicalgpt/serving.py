@@ -11,7 +11,7 @@ import jinja2
 from medicalgpt.args import ModelArguments
 from medicalgpt.errors import UsageError
 from medicalgpt.generation import stream_generate
-from medicalgpt.modeling import load_for_inference, load_tokenizer, set_stop_tokens
+from medicalgpt.modeling import load_for_inference, load_tokenizer, set_stop_tokens, with_adapter_base
 from medicalgpt.templates import resolve_template
 
 
@@ -20,7 +20,8 @@ class BaseModelArguments(ModelArguments):
     """ModelArguments whose model flag is also spelled --base_model, as serving scripts traditionally do."""
 
     model_name_or_path: str | None = field(default=None, metadata={"aliases": ["--base_model"], "help": (
-        "The base model (or a merged model): hub name or local path. Default: the embedded default model.")})
+        "The base model (or a merged model): hub name or local path. Default: the base a --lora_model records, "
+        "else the embedded default model.")})
 
 
 @dataclass
@@ -56,7 +57,9 @@ class ChatModel:
 
 
 def load_chat_model(model_args: ModelArguments, serve_args: ServeArguments) -> ChatModel:
-    """Tokenizer and template first (fast failures), then the model with the template's stop tokens."""
+    """Tokenizer and template first (fast failures), then the model with the template's stop tokens. With a LoRA
+    adapter and no base model, the base is the one the adapter records."""
+    model_args = with_adapter_base(model_args, serve_args.lora_model)
     tokenizer = load_tokenizer(model_args, serve_args.lora_model)
     template = resolve_template(tokenizer, serve_args.template_name)
     model = load_for_inference(model_args, serve_args.lora_model)

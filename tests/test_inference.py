@@ -11,12 +11,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
+import evaluate
 import inference
 import merge_peft_adapter
 from benchmarks import generation as generation_benchmark
 from medicalgpt import serving
+from medicalgpt.args import ModelArguments
+from medicalgpt.default_model import byte_level_bpe
 from medicalgpt.errors import DataError, UsageError, run_cli
 from medicalgpt.generation import generate
 from medicalgpt.templates import get_template
@@ -197,6 +200,49 @@ def test_merged_causal_lm_matches_the_adapter(model_dir, tokenizer, tmp_path, ca
         inference.main([*model_flags, "--prompt", QUESTIONS[1], *GREEDY])
     merged_answer, adapter_answer = capsys.readouterr().out.splitlines()[-2:]
     assert merged_answer == adapter_answer
+
+
+@pytest.fixture(scope="module")
+def adapter_dir(model_dir, tokenizer, tmp_path_factory) -> str:
+    """A LoRA adapter trained (randomised) on model_dir, saved with its tokenizer as the SFT stage saves it."""
+    out = tmp_path_factory.mktemp("adapter")
+    adapter = randomized_lora(AutoModelForCausalLM.from_pretrained(model_dir), "CAUSAL_LM", ["q_proj", "v_proj"])
+    adapter.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return str(out)
+
+
+def test_lora_model_alone_runs_on_the_base_it_records(model_dir, adapter_dir, tmp_path, capsys, monkeypatch):
+    for model_flags in (["--base_model", model_dir], []):
+        inference.main([*model_flags, "--lora_model", adapter_dir, "--prompt", QUESTIONS[1], *GREEDY])
+    with_base, alone = capsys.readouterr().out.splitlines()[-2:]
+    assert alone == with_base
+    merged = merge_peft_adapter.main(["--lora_model", adapter_dir, "--output_dir", str(tmp_path / "merged")])
+    assert AutoModelForCausalLM.from_pretrained(merged).config.hidden_size == 64  # the tiny base, not the default
+    loaded = []
+    monkeypatch.setattr(evaluate, "load_for_inference", lambda model_args, lora_model: loaded.append(
+        model_args.model_name_or_path) or AutoModelForCausalLM.from_pretrained(model_dir))
+    evaluate.evaluate_model(ModelArguments(), evaluate.EvalArguments(lora_model=adapter_dir))
+    assert loaded == [model_dir]
+
+
+def test_a_base_that_does_not_fit_the_adapter_is_refused(model_dir, adapter_dir, tokenizer, tmp_path, capsys):
+    wider = tmp_path / "wider"  # another architecture size, same vocabulary
+    config = AutoConfig.from_pretrained(model_dir)
+    config.update({"hidden_size": 128, "num_attention_heads": 4})
+    AutoModelForCausalLM.from_config(config).save_pretrained(wider)
+    tokenizer.save_pretrained(wider)
+    other_vocab = tmp_path / "other-vocab"  # same shapes, another tokenizer
+    AutoModelForCausalLM.from_pretrained(model_dir).save_pretrained(other_vocab)
+    byte_level_bpe(["gout is diagnosed by joint fluid", "asthma by spirometry"] * 20, len(tokenizer)).save_pretrained(
+        other_vocab)
+    for base, problem in [(wider, "its weight shapes differ"), (other_vocab, "another vocabulary")]:
+        argv = ["--base_model", str(base), "--lora_model", adapter_dir, "--prompt", "Hi", *GREEDY]
+        with pytest.raises(SystemExit):
+            run_cli(lambda argv=argv: inference.main(argv))
+        error = capsys.readouterr().err.splitlines()[-1]  # after any loading progress bars
+        assert error.startswith("error: --lora_model") and problem in error
+        assert error.endswith(f"pass the base it was trained on, {model_dir}, as --base_model")
 
 
 def test_merged_reward_model_matches_the_adapter(model_dir, tokenizer, tmp_path):
