@@ -6,14 +6,25 @@
 It listens on 127.0.0.1 only; --server_name 0.0.0.0 opens it to the network, --share makes a public link.
 """
 
+import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import gradio as gr
 
 from medicalgpt.args import parse_args
-from medicalgpt.errors import run_cli
-from medicalgpt.serving import BaseModelArguments, ChatModel, ServeArguments, load_chat_model, message_text
+from medicalgpt.errors import UsageError, run_cli
+from medicalgpt.serving import (
+    BaseModelArguments,
+    ChatModel,
+    ServeArguments,
+    invalid_unicode,
+    load_chat_model,
+    message_text,
+)
+
+logger = logging.getLogger(__name__)
+ERROR_NOTE = "\n\n⚠️ "  # starts the note a reply ends with when it failed; dropped from the history sent back
 
 
 @dataclass
@@ -29,20 +40,37 @@ class DemoArguments:
 def normalise_history(history: list[dict]) -> list[dict]:
     """Gradio history as the chat templates take it: role and plain-text content (the browser sends content as
     a list of {"type": "text", "text": ...} parts, gradio_client as a string)."""
-    return [{"role": m["role"], "content": message_text(m["content"])} for m in history]
+    return [{"role": m["role"], "content": message_text(m["content"]).partition(ERROR_NOTE)[0]} for m in history]
+
+
+def conversation(message: str, history: list[dict], system_prompt: str) -> list[dict]:
+    """The messages to answer; text the tokenizer cannot take is a UsageError naming where it is."""
+    system = [{"role": "system", "content": system_prompt}] if system_prompt.strip() else []
+    messages = system + normalise_history(history) + [{"role": "user", "content": message}]
+    for where, text in [("message", message), ("system prompt", system_prompt),
+                        *(("history", m["content"]) for m in messages)]:
+        if problem := invalid_unicode(text):
+            raise UsageError(f"The {where} has {problem}")
+    return messages
 
 
 def responder(chat: ChatModel) -> Callable[..., Iterator[str]]:
-    """ChatInterface's fn: yields the reply so far after every generated piece."""
+    """ChatInterface's fn: yields the reply so far after every generated piece. It never raises: an error ends the
+    reply with a note saying what went wrong, and the chat stays usable (Gradio would leave the textbox disabled)."""
 
     def respond(message: str, history: list[dict], system_prompt: str, temperature: float, top_p: float,
                 max_new_tokens: int) -> Iterator[str]:
-        system = [{"role": "system", "content": system_prompt}] if system_prompt.strip() else []
-        messages = system + normalise_history(history) + [{"role": "user", "content": message}]
         reply = ""
-        for piece in chat.stream(chat.encode(messages), int(max_new_tokens), temperature=temperature, top_p=top_p):
-            reply += piece
-            yield reply
+        try:
+            prompt = chat.encode(conversation(message, history, system_prompt))
+            for piece in chat.stream(prompt, int(max_new_tokens), temperature=temperature, top_p=top_p):
+                reply += piece
+                yield reply
+        except UsageError as error:
+            yield (reply + ERROR_NOTE + str(error)).lstrip()
+        except Exception as error:
+            logger.exception("generation failed")
+            yield (reply + ERROR_NOTE + f"Generation failed: {type(error).__name__}: {error}").lstrip()
 
     return respond
 

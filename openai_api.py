@@ -33,6 +33,7 @@ from medicalgpt.args import ModelArguments, parse_args
 from medicalgpt.errors import UsageError, run_cli
 from medicalgpt.modeling import model_path
 from medicalgpt.openai_protocol import (
+    INVALID_UNICODE,
     ApiError,
     ChatCompletionRequest,
     ChunkWriter,
@@ -192,9 +193,12 @@ def add_error_handlers(app: FastAPI) -> None:
         if first["type"] == "json_invalid" or tuple(first["loc"]) == ("body",):
             message = "The body must be a JSON object, sent with Content-Type: application/json"
             return JSONResponse(error_body(message, "invalid_request_error"), status_code=400)
+        # Text that cannot be tokenised is a bad request (400); other schema problems are 422s.
+        unicode = [e for e in error.errors() if e["type"] == INVALID_UNICODE]
+        errors, status = (unicode, 400) if unicode else (error.errors(), 422)
         # Every problem in the message (a union field reports one per alternative); the top-level field as param.
-        message = "; ".join(f"{'.'.join(map(str, e['loc'][1:]))}: {e['msg']}" for e in error.errors())
-        return JSONResponse(error_body(message, "invalid_request_error", str(first["loc"][1])), status_code=422)
+        message = "; ".join(f"{'.'.join(map(str, e['loc'][1:]))}: {e['msg']}" for e in errors)
+        return JSONResponse(error_body(message, "invalid_request_error", str(errors[0]["loc"][1])), status_code=status)
 
     @app.exception_handler(HTTPException)  # unknown paths, wrong methods
     async def http_error(request: Request, error: HTTPException) -> JSONResponse:

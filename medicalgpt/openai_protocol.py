@@ -5,9 +5,12 @@ import time
 import uuid
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
+from pydantic_core import PydanticCustomError
 
-from medicalgpt.serving import message_text
+from medicalgpt.serving import invalid_unicode, message_text
+
+INVALID_UNICODE = "invalid_unicode"  # the validation error type that is answered with a 400, as OpenAI does
 
 
 class TextPart(BaseModel):
@@ -15,9 +18,20 @@ class TextPart(BaseModel):
     text: str
 
 
+def _valid_unicode(value: str | list | None) -> str | list | None:
+    """A text field (a string, a list of strings or of text parts) that the tokenizer can take."""
+    texts = [value] if isinstance(value, str) else [v.text if isinstance(v, TextPart) else v for v in value or []]
+    for text in texts:
+        if problem := invalid_unicode(text):
+            raise PydanticCustomError(INVALID_UNICODE, problem)
+    return value
+
+
 class ChatMessage(BaseModel):
     role: Literal["system", "user", "assistant"]
     content: str | list[TextPart] | None = None
+
+    _content_unicode = field_validator("content")(_valid_unicode)
 
 
 class StreamOptions(BaseModel):
@@ -37,6 +51,8 @@ class ChatCompletionRequest(BaseModel):
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     n: int = 1
     stop: str | Annotated[list[str], Field(max_length=4)] | None = None
+
+    _text_unicode = field_validator("model", "stop")(_valid_unicode)
 
     def conversation(self) -> list[dict]:
         """The messages as the chat templates take them: role and plain-text content."""

@@ -72,6 +72,16 @@ def context_length(model: Any) -> int | None:
     return getattr(getattr(model, "config", None), "max_position_embeddings", None)
 
 
+def invalid_unicode(text: str) -> str | None:
+    """Why text cannot be tokenised, or None: JSON (and a browser) can carry a lone UTF-16 surrogate, which no
+    tokenizer (and no UTF-8 response) can hold."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        return f"a lone UTF-16 surrogate ({text[error.start]!r}) at character {error.start}; send valid Unicode text"
+    return None
+
+
 def message_text(content: Any) -> str:
     """A message's text: a string (gradio_client, most API clients) or a list of content parts such as
     [{"type": "text", "text": ...}] (browsers, newer API clients); other parts (files) carry no text."""

@@ -154,6 +154,23 @@ def test_errors_are_openai_shaped(chat, body, status, param):
     assert (error["type"], error["param"]) == ("invalid_request_error", param)
 
 
+@pytest.mark.parametrize("change, param", [
+    ({"messages": user("\ud800x")}, "messages"),
+    ({"messages": [{"role": "system", "content": "Be \udfff brief."}, *user("hi")]}, "messages"),
+    ({"messages": [{"role": "user", "content": [{"type": "text", "text": "a\udc00"}]}]}, "messages"),
+    ({"model": "\ud800"}, "model"),
+    ({"stop": ["\ud800"]}, "stop"),
+])
+def test_a_lone_surrogate_is_a_bad_request_naming_the_field(chat, change, param):
+    body = json.dumps({"model": "medicalgpt", "messages": user("hi"), **change})  # ASCII JSON with \ud800 escapes
+    with TestClient(openai_api.create_app(chat), raise_server_exceptions=False) as http:
+        response = http.post("/v1/chat/completions", content=body, headers={"content-type": "application/json"})
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert (error["type"], error["param"]) == ("invalid_request_error", param)
+    assert error["message"].startswith(param) and "lone UTF-16 surrogate" in error["message"]
+
+
 def test_a_conversation_the_template_refuses_is_a_bad_request(chat):
     refusing = TokenizerChatTemplate("{{ raise_exception('System role not supported') }}")
     with TestClient(openai_api.create_app(ChatModel(chat.model, chat.tokenizer, refusing))) as http:
@@ -356,6 +373,16 @@ def test_history_with_content_parts_is_normalised(chat):
     respond = gradio_demo.responder(chat)
     assert list(respond("And the dose?", parts, "", 0.0, 1.0, N))[-1].strip() == \
         greedy(chat, as_strings + user("And the dose?"))
+
+
+@pytest.mark.parametrize("message, system_prompt, where", [("\ud800x", "", "message"),
+                                                          ("hi", "Be \udc00 brief.", "system prompt")])
+def test_demo_answers_a_lone_surrogate_with_a_note_naming_the_field(chat, message, system_prompt, where):
+    import gradio_demo
+
+    replies = list(gradio_demo.responder(chat)(message, [], system_prompt, 0.0, 1.0, N))
+    assert len(replies) == 1 and replies[0].startswith(f"⚠️ The {where} has a lone UTF-16 surrogate")
+    assert replies[0].endswith("send valid Unicode text")
 
 
 def shown_as(text: str) -> re.Pattern:
