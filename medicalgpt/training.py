@@ -285,7 +285,7 @@ def load_chat_inputs(model_args, data_args, training_args, convert) -> tuple:
     """
     records = load_splits(data_args, convert, training_args.seed)
     tokenizer = load_tokenizer(model_args)
-    template = resolve_template(tokenizer, data_args.template_name)
+    template = resolve_template(tokenizer, data_args.template_name, data_args.allow_special_tokens_in_content)
     tokenizer.chat_template = template.jinja
     return records, tokenizer, template
 
