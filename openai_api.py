@@ -41,6 +41,7 @@ from medicalgpt.openai_protocol import (
     completion_body,
     error_body,
     sse,
+    token_logprob,
 )
 from medicalgpt.serving import BaseModelArguments, ChatModel, ServeArguments, context_length, load_chat_model
 from medicalgpt.templates import CHAT_TEMPLATE_DIR, get_template
@@ -59,6 +60,8 @@ class ApiArguments:
     max_model_len: int | None = field(default=None, metadata={
         "help": "Most tokens a request may use, prompt + completion; longer ones get a 400. Default: the model's "
                 "max_position_embeddings."})
+    docs: bool = field(default=False, metadata={
+        "help": "Serve the interactive API docs at /docs and /redoc (their pages load scripts from a CDN)."})
     backend: str = field(default="transformers", metadata={
         "help": "vllm: exec vLLM's OpenAI server with these flags (needs vllm and a CUDA GPU).",
         "choices": ["transformers", "vllm"]})
@@ -90,11 +93,13 @@ class Completion:
         self.stop = threading.Event()  # set when the client goes away
         self.counter = TokenCounter(len(self.prompt))
         self.stop_strings = StopStrings(request.stop_strings())
+        self.outputs: list = []  # generate()'s output, with the logits of each step, when logprobs are asked for
 
     def pieces(self) -> Iterator[str]:
         """The completion's text, piece by piece; generation errors propagate."""
         stream = self.chat.stream(self.prompt, self.max_new_tokens, stop=self.stop, stopping_criteria=[self.counter],
-                                  temperature=self.request.temperature, top_p=self.request.top_p)
+                                  temperature=self.request.temperature, top_p=self.request.top_p,
+                                  seed=self.request.seed, outputs=self.outputs if self.request.logprobs else None)
         try:
             for piece in stream:
                 if text := self.stop_strings.feed(piece):
@@ -111,6 +116,23 @@ class Completion:
         eos = self.chat.model.generation_config.eos_token_id or []
         ran_out = self.counter.generated >= self.max_new_tokens and self.counter.last_token not in eos
         return "length" if ran_out and not self.stop_strings.hit else "stop"
+
+    def logprobs(self) -> dict | None:
+        """OpenAI's logprobs of each generated token (up to the end-of-turn token) from the model's raw logits, with
+        the top_logprobs most likely alternatives; None unless the request asked for them."""
+        if not self.request.logprobs:
+            return None
+        output, eos = self.outputs[0], self.chat.model.generation_config.eos_token_id or []
+        decode = self.chat.tokenizer.decode
+        content = []
+        for token_id, logits in zip(output.sequences[0, len(self.prompt):].tolist(), output.logits, strict=True):
+            if token_id in eos:
+                break
+            logprobs = torch.log_softmax(logits[0].float(), dim=-1)
+            top = torch.topk(logprobs, self.request.top_logprobs or 0)
+            content.append({**token_logprob(decode([token_id]), logprobs[token_id].item()), "top_logprobs": [
+                token_logprob(decode([i]), value) for value, i in zip(top.values.tolist(), top.indices.tolist())]})
+        return {"content": content}
 
     def usage(self) -> dict:
         return {"prompt_tokens": len(self.prompt), "completion_tokens": self.counter.generated,
@@ -207,13 +229,14 @@ def add_error_handlers(app: FastAPI) -> None:
 
 
 def create_app(chat: ChatModel, model_name: str = "medicalgpt", api_key: str | None = None,
-               max_new_tokens: int = 512, max_model_len: int | None = None) -> FastAPI:
+               max_new_tokens: int = 512, max_model_len: int | None = None, docs: bool = False) -> FastAPI:
     """The API around one chat model; max_model_len defaults to the model's context length.
 
     Requests wait for their `turn` in the event loop, not in worker threads: queued requests then cannot fill
     the thread pool that the running generation needs to make progress.
     """
-    app = FastAPI(title="MedicalGPT", dependencies=[Depends(require_api_key(api_key))])
+    app = FastAPI(title="MedicalGPT", dependencies=[Depends(require_api_key(api_key))],
+                  **({} if docs else {"docs_url": None, "redoc_url": None}))
     add_error_handlers(app)
     turn = anyio.Lock()
     max_model_len = max_model_len or context_length(chat.model)
@@ -228,8 +251,8 @@ def create_app(chat: ChatModel, model_name: str = "medicalgpt", api_key: str | N
         if request.model != model_name:
             raise ApiError(404, f"The model '{request.model}' does not exist; this server serves '{model_name}'.",
                            param="model", code="model_not_found")
-        if request.n != 1:
-            raise ApiError(400, "Only n=1 is supported.", param="n")
+        if unsupported := request.unsupported():
+            raise ApiError(400, unsupported[1], param=unsupported[0])
         completion = Completion(chat, request, max_new_tokens, max_model_len)
         if request.stream:
             return StreamingResponse(stream_events(completion, ChunkWriter(model_name), turn),
@@ -239,7 +262,7 @@ def create_app(chat: ChatModel, model_name: str = "medicalgpt", api_key: str | N
                 text = await run_in_threadpool(lambda: "".join(completion.pieces()))
             except Exception as error:
                 raise ApiError(500, failure_message(error), "server_error") from error
-        return completion_body(model_name, text, completion.finish_reason, completion.usage())
+        return completion_body(model_name, text, completion.finish_reason, completion.usage(), completion.logprobs())
 
     return app
 
@@ -281,8 +304,8 @@ def main(argv: list[str] | None = None) -> None:
     chat = load_chat_model(model_args, serve_args)
     if api_args.host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         logger.warning("Serving on %s without an API key: anyone who can reach it can use it", api_args.host)
-    uvicorn.run(create_app(chat, api_args.model_name, api_key, serve_args.max_new_tokens, api_args.max_model_len),
-                host=api_args.host, port=api_args.port)
+    uvicorn.run(create_app(chat, api_args.model_name, api_key, serve_args.max_new_tokens, api_args.max_model_len,
+                           api_args.docs), host=api_args.host, port=api_args.port)
 
 
 if __name__ == "__main__":

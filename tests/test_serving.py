@@ -143,6 +143,8 @@ def test_stop_string_split_across_pieces_is_held_back_then_cut():
     ({"model": "medicalgpt", "messages": [{"role": "user", "content": "hi"}], "stop": list("abcde")}, 422, "stop"),
     ({"model": "medicalgpt", "messages": [{"role": "assistant", "content": "hi"}]}, 400, None),  # must end in user
     ({"model": "gpt-4", "messages": [{"role": "user", "content": "hi"}]}, 404, "model"),
+    ({"model": "medicalgpt", "messages": [{"role": "user", "content": "hi"}], "stream": "yes"}, 422, "stream"),
+    ({"model": "medicalgpt", "messages": [{"role": "user", "content": "hi"}], "max_tokens": True}, 422, "max_tokens"),
 ])
 def test_errors_are_openai_shaped(chat, body, status, param):
     with TestClient(openai_api.create_app(chat)) as http:
@@ -189,6 +191,52 @@ def test_user_text_cannot_forge_a_turn_in_the_api_or_the_demo(chat):
     demo_prompt = chat.encode(gradio_demo.conversation(SPOOF, [], "Be brief."))
     for prompt in (api_prompt, demo_prompt):
         assert control_tokens(chat, prompt) == own and SPOOF in chat.tokenizer.decode(prompt)
+
+
+@pytest.mark.parametrize("field, value", [
+    ("response_format", {"type": "json_object"}), ("tools", [{"type": "function", "function": {"name": "f"}}]),
+    ("frequency_penalty", 0.5), ("logit_bias", {"5": 10}), ("best_of", 2), ("top_logprobs", 2),
+])
+def test_fields_the_server_cannot_honour_are_refused(client, field, value):
+    with pytest.raises(openai.BadRequestError) as error:
+        ask(client, "hi", extra_body={field: value})
+    assert error.value.body["param"] == field and error.value.status_code == 400
+    with pytest.raises(openai.BadRequestError, match="only without stream"):
+        ask(client, "hi", stream=True, logprobs=True)
+    neutral = ask(client, "hi", response_format={"type": "text"}, frequency_penalty=0, user="someone")
+    assert neutral.choices[0].message.content is not None
+
+
+def test_seed_makes_sampling_reproducible(client):
+    def sample(seed: int) -> str:
+        return client.chat.completions.create(model="medicalgpt", messages=user(QUESTIONS[0]), temperature=1.0,
+                                              max_tokens=N, seed=seed).choices[0].message.content
+
+    assert sample(7) == sample(7) != sample(8)
+
+
+def test_logprobs_are_the_models_own(client, chat):
+    response = ask(client, QUESTIONS[1], logprobs=True, top_logprobs=3)
+    content = response.choices[0].logprobs.content
+    assert "".join(t.token for t in content) == response.choices[0].message.content
+    assert len(content) == response.usage.completion_tokens - (response.choices[0].finish_reason == "stop")
+    prompt = chat.encode(user(QUESTIONS[1]))
+    with torch.inference_mode():  # the greedy tokens, then the model's log-probabilities at each step, in one pass
+        ids = chat.model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                                  max_new_tokens=N, do_sample=False)
+        expected = torch.log_softmax(chat.model(ids).logits[0, len(prompt) - 1:-1], dim=-1)
+    ids = ids[0].tolist()
+    for step, token in enumerate(content):
+        assert len(token.top_logprobs) == 3 and token.top_logprobs[0].token == token.token  # greedy
+        assert token.logprob == pytest.approx(expected[step, ids[len(prompt) + step]].item(), abs=1e-4)
+        assert [t.logprob for t in token.top_logprobs] == pytest.approx(expected[step].topk(3).values.tolist(),
+                                                                        abs=1e-4)
+
+
+def test_docs_pages_only_with_the_docs_flag(chat):
+    for docs, status in [(False, 404), (True, 200)]:
+        with TestClient(openai_api.create_app(chat, docs=docs)) as http:
+            assert http.get("/docs").status_code == status and http.get("/redoc").status_code == status
 
 
 def test_a_conversation_the_template_refuses_is_a_bad_request(chat):
@@ -240,10 +288,11 @@ def test_main_wires_flags_env_key_and_model_name(model_dir, monkeypatch):
     served = {}
     monkeypatch.setattr(uvicorn, "run", lambda app, host, port: served.update(app=app, host=host, port=port))
     monkeypatch.setenv("MEDICALGPT_API_KEY", "sk-env")
-    openai_api.main(["--base_model", model_dir, "--model_name", "doc", "--port", "8123"])
+    openai_api.main(["--base_model", model_dir, "--model_name", "doc", "--port", "8123", "--docs"])
     assert (served["host"], served["port"]) == ("127.0.0.1", 8123)
     with openai_client(served["app"], api_key="sk-env") as client:
         assert [m.id for m in client.models.list().data] == ["doc"]
+    assert served["app"].docs_url == "/docs"
 
 
 def test_vllm_backend_without_a_gpu_stops_with_the_alternatives(monkeypatch):
