@@ -47,6 +47,7 @@ from medicalgpt.serving import BaseModelArguments, ChatModel, ServeArguments, co
 from medicalgpt.templates import CHAT_TEMPLATE_DIR, get_template
 
 logger = logging.getLogger(__name__)
+DEFAULT_MAX_REQUEST_BYTES = 4 * 1024 * 1024  # far more text than any context holds
 
 
 @dataclass
@@ -60,6 +61,8 @@ class ApiArguments:
     max_model_len: int | None = field(default=None, metadata={
         "help": "Most tokens a request may use, prompt + completion; longer ones get a 400. Default: the model's "
                 "max_position_embeddings."})
+    max_request_bytes: int = field(default=DEFAULT_MAX_REQUEST_BYTES, metadata={
+        "help": "Largest request body accepted; larger ones get a 413 before they are read."})
     docs: bool = field(default=False, metadata={
         "help": "Serve the interactive API docs at /docs and /redoc (their pages load scripts from a CDN)."})
     backend: str = field(default="transformers", metadata={
@@ -186,6 +189,38 @@ async def stream_events(completion: Completion, writer: ChunkWriter, turn: anyio
                 await run_in_threadpool(events.close)
 
 
+class BodySizeLimit:
+    """ASGI middleware: a request body over max_bytes is a 413, refused from its Content-Length before any of it
+    is read, or as soon as a chunked body grows past the limit (Starlette has no such limit of its own)."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length", b"")
+        declared = int(length) if length.isdigit() else 0
+        received = 0
+
+        def too_large() -> HTTPException:  # FastAPI answers an HTTPException raised while it reads the body
+            return HTTPException(413, f"The request body is larger than {self.max_bytes} bytes (the server's "
+                                      "--max_request_bytes).")
+
+        async def limited_receive() -> dict:
+            nonlocal received
+            if declared > self.max_bytes:
+                raise too_large()
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise too_large()
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+
 def require_api_key(api_key: str | None):
     """A dependency that checks `Authorization: Bearer <api_key>` (no check without a key)."""
 
@@ -229,7 +264,8 @@ def add_error_handlers(app: FastAPI) -> None:
 
 
 def create_app(chat: ChatModel, model_name: str = "medicalgpt", api_key: str | None = None,
-               max_new_tokens: int = 512, max_model_len: int | None = None, docs: bool = False) -> FastAPI:
+               max_new_tokens: int = 512, max_model_len: int | None = None, docs: bool = False,
+               max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES) -> FastAPI:
     """The API around one chat model; max_model_len defaults to the model's context length.
 
     Requests wait for their `turn` in the event loop, not in worker threads: queued requests then cannot fill
@@ -237,6 +273,7 @@ def create_app(chat: ChatModel, model_name: str = "medicalgpt", api_key: str | N
     """
     app = FastAPI(title="MedicalGPT", dependencies=[Depends(require_api_key(api_key))],
                   **({} if docs else {"docs_url": None, "redoc_url": None}))
+    app.add_middleware(BodySizeLimit, max_bytes=max_request_bytes)
     add_error_handlers(app)
     turn = anyio.Lock()
     max_model_len = max_model_len or context_length(chat.model)
@@ -253,7 +290,8 @@ def create_app(chat: ChatModel, model_name: str = "medicalgpt", api_key: str | N
                            param="model", code="model_not_found")
         if unsupported := request.unsupported():
             raise ApiError(400, unsupported[1], param=unsupported[0])
-        completion = Completion(chat, request, max_new_tokens, max_model_len)
+        # Rendering and tokenising a long prompt takes a while: in a worker thread, so other requests go on.
+        completion = await run_in_threadpool(Completion, chat, request, max_new_tokens, max_model_len)
         if request.stream:
             return StreamingResponse(stream_events(completion, ChunkWriter(model_name), turn),
                                      media_type="text/event-stream")
@@ -305,7 +343,7 @@ def main(argv: list[str] | None = None) -> None:
     if api_args.host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         logger.warning("Serving on %s without an API key: anyone who can reach it can use it", api_args.host)
     uvicorn.run(create_app(chat, api_args.model_name, api_key, serve_args.max_new_tokens, api_args.max_model_len,
-                           api_args.docs), host=api_args.host, port=api_args.port)
+                           api_args.docs, api_args.max_request_bytes), host=api_args.host, port=api_args.port)
 
 
 if __name__ == "__main__":

@@ -288,11 +288,14 @@ def test_main_wires_flags_env_key_and_model_name(model_dir, monkeypatch):
     served = {}
     monkeypatch.setattr(uvicorn, "run", lambda app, host, port: served.update(app=app, host=host, port=port))
     monkeypatch.setenv("MEDICALGPT_API_KEY", "sk-env")
-    openai_api.main(["--base_model", model_dir, "--model_name", "doc", "--port", "8123", "--docs"])
+    openai_api.main(["--base_model", model_dir, "--model_name", "doc", "--port", "8123", "--docs",
+                     "--max_request_bytes", "100"])
     assert (served["host"], served["port"]) == ("127.0.0.1", 8123)
     with openai_client(served["app"], api_key="sk-env") as client:
         assert [m.id for m in client.models.list().data] == ["doc"]
     assert served["app"].docs_url == "/docs"
+    with TestClient(served["app"], headers={"Authorization": "Bearer sk-env"}) as http:
+        assert http.post("/v1/chat/completions", json={"model": "doc", "messages": user("x" * 100)}).status_code == 413
 
 
 def test_vllm_backend_without_a_gpu_stops_with_the_alternatives(monkeypatch):
@@ -367,6 +370,45 @@ def test_concurrent_requests_on_a_real_server_each_get_their_own_answer(chat, ex
             thread.join(60)
     assert {q: a.strip() for q, a in answers.items()} == expected
     assert peak[0] == 1  # generation was serialised
+
+
+class SlowTemplate:
+    """The chat template, taking `delay` seconds to render each prompt (as a multi-megabyte prompt does)."""
+
+    def __init__(self, template, delay: float):
+        self.template, self.delay, self.started = template, delay, threading.Event()
+        self.stop_words = template.stop_words
+
+    def encode_prompt(self, tokenizer, messages, tools=None):
+        self.started.set()
+        time.sleep(self.delay)
+        return self.template.encode_prompt(tokenizer, messages, tools)
+
+
+def test_tokenising_a_prompt_does_not_stall_other_requests(chat):
+    slow = ChatModel(chat.model, chat.tokenizer, SlowTemplate(chat.template, delay=2.0))
+    with uvicorn_server(openai_api.create_app(slow)) as url:
+        body = {"model": "medicalgpt", "messages": user("hi"), "max_tokens": 1}
+        request = threading.Thread(target=httpx.post, args=(f"{url}/v1/chat/completions",), kwargs={"json": body,
+                                                                                                    "timeout": 30})
+        request.start()
+        assert slow.template.started.wait(10)
+        start = time.monotonic()
+        assert httpx.get(f"{url}/v1/models", timeout=30).status_code == 200
+        assert time.monotonic() - start < 0.5
+        request.join(30)
+
+
+def test_request_bodies_over_the_limit_are_refused_before_reading_them(chat):
+    body = json.dumps({"model": "medicalgpt", "messages": user("x" * 2000)}).encode()
+    with TestClient(openai_api.create_app(chat, max_request_bytes=1000)) as http:
+        for content in (body, iter([body[:900], body[900:]])):  # with a Content-Length, and chunked without one
+            response = http.post("/v1/chat/completions", content=content, headers={"content-type": "application/json"})
+            assert response.status_code == 413
+            assert "1000 bytes" in response.json()["error"]["message"]
+            assert response.json()["error"]["type"] == "invalid_request_error"
+        assert http.post("/v1/chat/completions", json={"model": "medicalgpt", "messages": user("hi"),
+                                                       "max_tokens": 1}).status_code == 200
 
 
 class EndlessModel:
