@@ -221,6 +221,29 @@ class BodySizeLimit:
         await self.app(scope, limited_receive, send)
 
 
+async def complete(completion: Completion, turn: anyio.Lock, http_request: Request) -> str:
+    """The whole completion text once it is this request's turn. A client that disconnects, while queued or during
+    generation, stops it: nobody would read the answer, and the requests queued behind it would wait."""
+
+    async def stop_on_disconnect() -> None:
+        while (await http_request.receive())["type"] != "http.disconnect":
+            pass
+        completion.stop.set()
+
+    text, failure = "", None
+    async with anyio.create_task_group() as tasks:
+        tasks.start_soon(stop_on_disconnect)
+        try:
+            async with turn:
+                text = await run_in_threadpool(lambda: "".join(completion.pieces()))
+        except Exception as error:  # raised outside the task group, which would wrap it in an ExceptionGroup
+            failure = error
+        tasks.cancel_scope.cancel()
+    if failure:
+        raise ApiError(500, failure_message(failure), "server_error") from failure
+    return text
+
+
 def require_api_key(api_key: str | None):
     """A dependency that checks `Authorization: Bearer <api_key>` (no check without a key)."""
 
@@ -284,7 +307,7 @@ def create_app(chat: ChatModel, model_name: str = "medicalgpt", api_key: str | N
                 "data": [{"id": model_name, "object": "model", "created": 0, "owned_by": "medicalgpt"}]}
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(request: ChatCompletionRequest):
+    async def chat_completions(request: ChatCompletionRequest, http_request: Request):
         if request.model != model_name:
             raise ApiError(404, f"The model '{request.model}' does not exist; this server serves '{model_name}'.",
                            param="model", code="model_not_found")
@@ -295,11 +318,7 @@ def create_app(chat: ChatModel, model_name: str = "medicalgpt", api_key: str | N
         if request.stream:
             return StreamingResponse(stream_events(completion, ChunkWriter(model_name), turn),
                                      media_type="text/event-stream")
-        async with turn:
-            try:
-                text = await run_in_threadpool(lambda: "".join(completion.pieces()))
-            except Exception as error:
-                raise ApiError(500, failure_message(error), "server_error") from error
+        text = await complete(completion, turn, http_request)
         return completion_body(model_name, text, completion.finish_reason, completion.usage(), completion.logprobs())
 
     return app

@@ -446,6 +446,20 @@ def test_a_disconnecting_stream_client_stops_its_generation(chat):
             time.sleep(0.02)
 
 
+def test_a_client_that_gives_up_on_a_non_streamed_request_stops_its_generation(chat):
+    model = EndlessModel(chat.tokenizer.encode("\n")[0])
+    endless = ChatModel(model, chat.tokenizer, chat.template)
+    with uvicorn_server(openai_api.create_app(endless)) as url:
+        body = {"model": "medicalgpt", "messages": user("hi"), "max_tokens": 1500}  # 15 s of generation
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{url}/v1/chat/completions", json=body, timeout=0.5)
+        assert model.stopped.wait(5), "generation went on after the client left"
+        deadline = time.monotonic() + 5
+        while endless.lock.locked():
+            assert time.monotonic() < deadline, "the model stayed locked"
+            time.sleep(0.02)
+
+
 # --- Gradio demo ---------------------------------------------------------------------------------------------------
 
 
