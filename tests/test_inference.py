@@ -5,8 +5,10 @@ import copy
 import io
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -139,6 +141,55 @@ def test_interactive_chat_keeps_history_clears_and_exits(model_dir, model, token
     assert chat(model_dir, monkeypatch, "Hi\n").conversations == [[user("Hi")]]  # end of input quits
 
 
+class InterruptedModel:
+    """Streams one token every 10 ms up to max_new_tokens; during its first reply it sends this process a real SIGINT
+    (Ctrl-C) after three tokens."""
+
+    device = torch.device("cpu")
+
+    def __init__(self, token: int):
+        self.token, self.replies = token, 0
+
+    def generate(self, input_ids, streamer, stopping_criteria, max_new_tokens, **kwargs):
+        self.replies += 1
+        streamer.put(input_ids)  # the prompt, skipped
+        ids = input_ids
+        for step in range(max_new_tokens):
+            if bool(stopping_criteria(ids, None).all()):
+                break
+            ids = torch.cat([ids, torch.tensor([[self.token]])], dim=1)
+            streamer.put(ids[:, -1:])
+            if self.replies == 1 and step == 2:
+                os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.01)
+        streamer.end()
+
+
+class CtrlCAtTheEnd(io.StringIO):
+    """stdin whose lines run out in a Ctrl-C at the prompt instead of an end of input."""
+
+    def readline(self, *args) -> str:
+        if line := super().readline(*args):
+            return line
+        raise KeyboardInterrupt
+
+
+def test_ctrl_c_stops_a_reply_keeps_the_chat_and_quits_at_the_prompt(model_dir, tokenizer, monkeypatch, capsys,
+                                                                      sigint_handled):
+    recorder = RecordingTemplate()
+    model = InterruptedModel(tokenizer.convert_tokens_to_ids("a"))
+    monkeypatch.setattr(inference, "load_chat_model", lambda *args: serving.ChatModel(model, tokenizer, recorder))
+    monkeypatch.setattr(sys, "stdin", CtrlCAtTheEnd("Hi\nAnd then?\n"))
+    inference.main(["--base_model", model_dir, "--interactive", "--max_new_tokens", "50", "--temperature", "0"])
+    first, second = recorder.conversations
+    interrupted = second[1]["content"]
+    assert first == [user("Hi")] and second == [user("Hi"), {"role": "assistant", "content": interrupted},
+                                                 user("And then?")]
+    assert 0 < len(interrupted) < 50 and set(interrupted) == {"a"}  # the reply so far, kept in the history
+    out = capsys.readouterr().out
+    assert "(stopped)" in out and "a" * 50 in out  # the second reply ran to its end
+
+
 def write(path: Path, text: str) -> str:
     path.write_text(text, encoding="utf-8")
     return str(path)
@@ -160,7 +211,10 @@ def test_bad_usage_fails_in_one_line(tmp_path, capsys):
     cases = [([], "pass exactly one of --prompt, --data_file or --interactive$"),
              (["--prompt", "Hi", "--interactive"], "got --prompt and --interactive"),
              (["--data_file", empty], "--data_file needs --output_file"),
-             (["--data_file", empty, "--output_file", out], "no prompts in it")]
+             (["--data_file", empty, "--output_file", out], "no prompts in it"),
+             (["--prompt", "Hi", "--max_new_tokens", "0"], "--max_new_tokens 0: must be at least 1"),
+             (["--prompt", "Hi", "--temperature", "-1"], "--temperature -1.0: must be 0 .greedy. or more"),
+             (["--prompt", "Hi", "--top_p", "0"], "--top_p 0.0: must be in .0, 1.")]
     for argv, message in cases:
         with pytest.raises(UsageError, match=message):
             inference.main(argv)

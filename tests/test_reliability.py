@@ -108,15 +108,6 @@ def test_sft_sigterm_saves_a_checkpoint_and_exits_143(tiny_model_dir, straight_s
     assert_same_run(tmp_path, straight_sft)
 
 
-@pytest.fixture
-def sigint_handled():
-    """SIGINT handled as in a foreground shell, whatever this process inherited (a background job starts with SIGINT
-    ignored); the inherited handler is put back afterwards."""
-    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
-    yield
-    signal.signal(signal.SIGINT, inherited)
-
-
 def test_sft_ctrl_c_saves_at_the_next_step(tiny_model_dir, straight_sft, tmp_path, monkeypatch, sigint_handled):
     plot = training.write_loss_plot
 
