@@ -43,7 +43,15 @@ from medicalgpt.openai_protocol import (
     sse,
     token_logprob,
 )
-from medicalgpt.serving import BaseModelArguments, ChatModel, ServeArguments, context_length, load_chat_model
+from medicalgpt.serving import (
+    BaseModelArguments,
+    ChatModel,
+    ContextLengthError,
+    ServeArguments,
+    completion_budget,
+    context_length,
+    load_chat_model,
+)
 from medicalgpt.templates import CHAT_TEMPLATE_DIR, get_template
 
 logger = logging.getLogger(__name__)
@@ -156,20 +164,6 @@ class Completion:
         yield sse("[DONE]")
 
 
-def completion_budget(prompt_tokens: int, requested: int | None, default: int, max_model_len: int | None) -> int:
-    """The tokens to generate: as requested, or the default cut to the room the context leaves. A prompt that
-    leaves no room, or a request for more than there is, is refused the way OpenAI refuses it."""
-    if max_model_len is None:
-        return requested or default
-    room = max_model_len - prompt_tokens
-    if room < (requested or 1):
-        raise ApiError(400, f"This model's maximum context length is {max_model_len} tokens. However, you requested "
-                            f"{prompt_tokens + (requested or 1)} tokens ({prompt_tokens} in the messages, "
-                            f"{requested or 1} in the completion). Please reduce the length of the messages or "
-                            "completion.", param="messages", code="context_length_exceeded")
-    return requested or min(default, room)
-
-
 def failure_message(error: Exception) -> str:
     return f"Generation failed: {type(error).__name__}: {error}"  # queue.Empty (a stalled generation) has no text
 
@@ -262,6 +256,11 @@ def add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def api_error(request: Request, error: ApiError) -> JSONResponse:
         return JSONResponse(error.body, status_code=error.status)
+
+    @app.exception_handler(ContextLengthError)
+    async def context_length_error(request: Request, error: ContextLengthError) -> JSONResponse:
+        return JSONResponse(error_body(str(error), "invalid_request_error", "messages", "context_length_exceeded"),
+                            status_code=400)
 
     @app.exception_handler(UsageError)  # e.g. a conversation the chat template cannot end with
     async def usage_error(request: Request, error: UsageError) -> JSONResponse:

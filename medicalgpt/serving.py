@@ -67,6 +67,24 @@ def load_chat_model(model_args: ModelArguments, serve_args: ServeArguments) -> C
     return ChatModel(model, tokenizer, template)
 
 
+class ContextLengthError(UsageError):
+    """A prompt (plus the completion asked for) longer than the model's context; OpenAI's wording."""
+
+
+def completion_budget(prompt_tokens: int, requested: int | None, default: int, max_model_len: int | None) -> int:
+    """The tokens to generate: as requested, or the default cut to the room the context leaves. A prompt that
+    leaves no room, or a request for more than there is, is refused the way OpenAI refuses it."""
+    if max_model_len is None:
+        return requested or default
+    room = max_model_len - prompt_tokens
+    if room < (requested or 1):
+        raise ContextLengthError(
+            f"This model's maximum context length is {max_model_len} tokens. However, you requested "
+            f"{prompt_tokens + (requested or 1)} tokens ({prompt_tokens} in the messages, {requested or 1} in the "
+            "completion). Please reduce the length of the messages or completion.")
+    return requested or min(default, room)
+
+
 def context_length(model: Any) -> int | None:
     """The longest sequence (prompt + completion) the model was built for, when its config says."""
     return getattr(getattr(model, "config", None), "max_position_embeddings", None)

@@ -510,6 +510,57 @@ def test_demo_answers_a_lone_surrogate_with_a_note_naming_the_field(chat, messag
     assert replies[0].endswith("send valid Unicode text")
 
 
+def test_demo_coerces_slider_numbers_and_answers_every_failure_in_the_chat(chat):
+    import gradio_demo
+
+    respond = gradio_demo.responder(chat)
+    hot = list(respond(QUESTIONS[0], [], "", 2, 1, N))  # sliders send their maximum as the integer 2
+    assert hot and "⚠️" not in hot[-1]
+    long = "hello " * 3000
+    with TestClient(openai_api.create_app(chat)) as http:
+        api_error = http.post("/v1/chat/completions", json={"model": "medicalgpt", "messages": user(long)}).json()
+    assert api_error["error"]["message"].startswith("This model's maximum context length is 2048 tokens.")
+    assert list(respond(long, [], "", 0.0, 1.0, N)) == ["⚠️ " + api_error["error"]["message"]]
+    assert list(respond("  \n ", [], "", 0.0, 1.0, N)) == ["⚠️ Type a question first."]
+    broken = ChatModel(BrokenModel(), chat.tokenizer, chat.template)
+    assert list(gradio_demo.responder(broken)("hi", [], "", 0.0, 1.0, N))[-1] == \
+        "⚠️ Generation failed: RuntimeError: CUDA out of memory"
+    assert not broken.lock.locked()
+    # The note is not sent back to the model as part of the conversation.
+    history = [user("hi")[0], {"role": "assistant", "content": f"Hello{gradio_demo.ERROR_NOTE}oops"}]
+    assert gradio_demo.normalise_history(history)[1]["content"] == "Hello"
+
+
+def test_demo_signs_in_with_gradios_auth_and_warns_when_open_to_the_network(model_dir, tmp_path, monkeypatch,
+                                                                           caplog):
+    import gradio as gr
+
+    import gradio_demo
+
+    launched = []
+    monkeypatch.setattr(gr.Blocks, "launch", lambda self, **kwargs: launched.append(kwargs))
+    monkeypatch.setenv("MEDICALGPT_DEMO_AUTH", "doc:s3cret:with-colon")
+    gradio_demo.main(["--base_model", model_dir, "--server_name", "0.0.0.0"])
+    assert launched[-1]["auth"] == [("doc", "s3cret:with-colon")] and not caplog.records
+    monkeypatch.delenv("MEDICALGPT_DEMO_AUTH")
+    users = tmp_path / "users.txt"
+    users.write_text("ann:one\nbob:two\n")
+    gradio_demo.main(["--base_model", model_dir, "--auth_file", str(users)])
+    assert launched[-1]["auth"] == [("ann", "one"), ("bob", "two")]
+    gradio_demo.main(["--base_model", model_dir, "--server_name", "0.0.0.0"])
+    assert launched[-1]["auth"] is None and "without a sign-in" in caplog.text
+    users.write_text("ann\n")
+    with pytest.raises(UsageError, match="expected user:password"):
+        gradio_demo.main(["--auth_file", str(users)])
+
+
+def test_demo_page_has_a_disclaimer_and_examples(chat):
+    import gradio_demo
+
+    demo = gradio_demo.build_demo(chat, gradio_demo.DemoArguments())
+    assert "not a doctor" in demo.description and len(demo.examples) >= 3
+
+
 def shown_as(text: str) -> re.Pattern:
     """The text's ASCII letters in order, anything between: what survives Markdown rendering of the random
     model's odd characters (control bytes, broken UTF-8, CJK in a browser without CJK fonts)."""
@@ -527,12 +578,21 @@ def test_browser_chat_shows_the_reply_and_clears(demo_url, chat, tmp_path):
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--disable-gpu", "--no-first-run"])
         page = browser.new_page(viewport={"width": 1000, "height": 800})
         page.goto(demo_url)
+        expect(page.get_by_text("not a doctor")).to_be_visible()
         bots = page.locator("[data-testid=bot]")
+        page.get_by_test_id("textbox").fill("  ")
+        page.keyboard.press("Enter")  # blank: not sent
+        expect(page.get_by_text("Type a question first.")).to_be_visible()
         for turn, question in enumerate((first, second)):  # the second turn sends the browser's history back
             page.get_by_test_id("textbox").fill(question)
             page.keyboard.press("Enter")
             expect(bots.nth(turn)).to_have_text(shown_as(replies[turn]), timeout=20_000)
             expect(page.get_by_test_id("submit-button")).to_be_visible()  # the stop button is gone: reply done
+        expect(page.locator("[data-testid=user]")).to_have_count(2)
+        page.get_by_test_id("textbox").fill("hello " * 3000)  # over the context: a note, and the chat goes on
+        page.keyboard.press("Enter")
+        expect(bots.nth(2)).to_contain_text("maximum context length is 2048 tokens", timeout=20_000)
+        expect(page.get_by_test_id("textbox")).to_be_editable()
         page.screenshot(path=tmp_path / "chat.png")
         page.get_by_label("Clear").click()
         expect(bots).to_have_count(0)
