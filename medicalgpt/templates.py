@@ -75,6 +75,11 @@ def _escape_content(tokenizer, messages: list[dict]) -> list[dict]:
             if isinstance(m.get("content"), str) else m for m in messages]
 
 
+def holds_special_tokens(tokenizer, messages: list[dict]) -> bool:
+    """Whether a message's content holds a special-token string of the tokenizer."""
+    return _escape_content(tokenizer, messages) != messages
+
+
 def encode_rendered(tokenizer, text: str) -> list[int]:
     """Ids of rendered text whose special-token strings are control tokens while placeholders (escaped content)
     become the plain text they stand for. Without placeholders this equals tokenizer.encode(text), which also
@@ -192,7 +197,7 @@ class TokenizerChatTemplate:
         transformers derives the mask from its own tokenisation of the whole text, so content holding a special
         token cannot be kept plain here: such a conversation is refused unless allow_special_tokens.
         """
-        if not self.allow_special_tokens and _escape_content(tokenizer, messages) != messages:
+        if not self.allow_special_tokens and holds_special_tokens(tokenizer, messages):
             raise DataError("a message holds a special-token string, which this tokenizer's own chat template would "
                             "make a control token: use a built-in --template_name (it keeps them plain text) or pass "
                             "--allow_special_tokens_in_content")
