@@ -63,8 +63,11 @@ def read_auth(auth_file: str | None) -> list[tuple[str, str]] | None:
 
 def normalise_history(history: list[dict]) -> list[dict]:
     """Gradio history as the chat templates take it: role and plain-text content (the browser sends content as
-    a list of {"type": "text", "text": ...} parts, gradio_client as a string)."""
-    return [{"role": m["role"], "content": message_text(m["content"]).partition(ERROR_NOTE)[0]} for m in history]
+    a list of {"type": "text", "text": ...} parts, gradio_client as a string). A failed reply loses the note that
+    ended it: the note is for the reader, not the model."""
+    messages = [{"role": m["role"], "content": message_text(m["content"])} for m in history]
+    return [{**m, "content": m["content"].partition(ERROR_NOTE)[0]} if m["role"] == "assistant" else m
+            for m in messages]
 
 
 def conversation(message: str, history: list[dict], system_prompt: str) -> list[dict]:

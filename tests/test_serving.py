@@ -526,9 +526,10 @@ def test_demo_coerces_slider_numbers_and_answers_every_failure_in_the_chat(chat)
     assert list(gradio_demo.responder(broken)("hi", [], "", 0.0, 1.0, N))[-1] == \
         "⚠️ Generation failed: RuntimeError: CUDA out of memory"
     assert not broken.lock.locked()
-    # The note is not sent back to the model as part of the conversation.
-    history = [user("hi")[0], {"role": "assistant", "content": f"Hello{gradio_demo.ERROR_NOTE}oops"}]
-    assert gradio_demo.normalise_history(history)[1]["content"] == "Hello"
+    # The note is not sent back to the model as part of the conversation; a user's text is left as it is.
+    note = gradio_demo.ERROR_NOTE
+    history = [user(f"hi{note}")[0], {"role": "assistant", "content": f"Hello{note}oops"}]
+    assert gradio_demo.normalise_history(history) == [history[0], {"role": "assistant", "content": "Hello"}]
 
 
 def test_demo_signs_in_with_gradios_auth_and_warns_when_open_to_the_network(model_dir, tmp_path, monkeypatch,
