@@ -19,6 +19,7 @@ import gradio as gr
 from medicalgpt.args import parse_args
 from medicalgpt.errors import UsageError, run_cli
 from medicalgpt.serving import (
+    LOOPBACK,
     BaseModelArguments,
     ChatModel,
     ServeArguments,
@@ -36,7 +37,6 @@ DISCLAIMER = ("A research demo of a language model, not a doctor: its answers ca
               "call your local emergency number.")
 EXAMPLES = ["高血压患者日常饮食要注意什么？", "What are the common symptoms of type 2 diabetes?",
             "儿童发烧38.5度应该怎么处理？", "How is gout diagnosed?"]
-LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 @dataclass
@@ -107,7 +107,7 @@ def responder(chat: ChatModel) -> Callable[..., Iterator[str]]:
     return respond
 
 
-def has_text(message: str):
+def has_text(message: str) -> dict:
     """The textbox's validator: an empty or blank message is not sent."""
     return gr.validate(bool(message.strip()), "Type a question first.")
 

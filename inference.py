@@ -63,6 +63,7 @@ def parse_inference_args(argv: list[str] | None) -> tuple[BaseModelArguments, In
 
 
 def check_generation_args(gen_args: GenerationArguments) -> None:
+    """Values generate() would refuse with a traceback, or (a negative temperature) silently read as greedy."""
     for flag, value, valid, expected in [
         ("max_new_tokens", gen_args.max_new_tokens, gen_args.max_new_tokens >= 1, "at least 1"),
         ("temperature", gen_args.temperature, gen_args.temperature >= 0, "0 (greedy) or more"),

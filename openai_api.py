@@ -44,6 +44,7 @@ from medicalgpt.openai_protocol import (
     token_logprob,
 )
 from medicalgpt.serving import (
+    LOOPBACK,
     BaseModelArguments,
     ChatModel,
     ContextLengthError,
@@ -318,7 +319,8 @@ def create_app(chat: ChatModel, model_name: str = "medicalgpt", api_key: str | N
             return StreamingResponse(stream_events(completion, ChunkWriter(model_name), turn),
                                      media_type="text/event-stream")
         text = await complete(completion, turn, http_request)
-        return completion_body(model_name, text, completion.finish_reason, completion.usage(), completion.logprobs())
+        logprobs = await run_in_threadpool(completion.logprobs)  # a softmax over the vocabulary per token
+        return completion_body(model_name, text, completion.finish_reason, completion.usage(), logprobs)
 
     return app
 
@@ -358,7 +360,7 @@ def main(argv: list[str] | None = None) -> None:
         cmd = vllm_command(model_args, serve_args, api_args)
         os.execvpe(cmd[0], cmd, {**os.environ, "VLLM_API_KEY": api_key} if api_key else dict(os.environ))
     chat = load_chat_model(model_args, serve_args)
-    if api_args.host not in ("127.0.0.1", "localhost", "::1") and not api_key:
+    if api_args.host not in LOOPBACK and not api_key:
         logger.warning("Serving on %s without an API key: anyone who can reach it can use it", api_args.host)
     uvicorn.run(create_app(chat, api_args.model_name, api_key, serve_args.max_new_tokens, api_args.max_model_len,
                            api_args.docs, api_args.max_request_bytes), host=api_args.host, port=api_args.port)

@@ -64,7 +64,6 @@ def stream_generate(model, tokenizer, prompt: list[int], max_new_tokens: int = 1
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=timeout)
     stop = stop or threading.Event()
     failure: list[BaseException] = []
-
     details = dict(return_dict_in_generate=True, output_logits=True) if outputs is not None else {}
 
     def run() -> None:

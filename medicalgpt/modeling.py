@@ -280,14 +280,13 @@ def load_reward_model(path: str, model_args: ModelArguments) -> PreTrainedModel:
     """A frozen reward model from reward_modeling.py: a merged directory, or a LoRA adapter merged into its base."""
     from transformers import AutoModelForSequenceClassification
 
-    adapter_config = Path(path) / "adapter_config.json"
-    base = adapter_base(path) if adapter_config.exists() else path
-    rm_args = ModelArguments(model_name_or_path=base, dtype=model_args.dtype,
-                             trust_remote_code=model_args.trust_remote_code)
+    adapter = path if Path(path, "adapter_config.json").exists() else None
+    rm_args = with_adapter_base(ModelArguments(model_name_or_path=None if adapter else path, dtype=model_args.dtype,
+                                               trust_remote_code=model_args.trust_remote_code), adapter)
     # The score is read at each sequence's last non-pad token, so the config must know the pad id (as in
     # reward_modeling.py); the reward model's own saved tokenizer says which it is.
-    pad_token_id = load_tokenizer(rm_args, path if adapter_config.exists() else None).pad_token_id
+    pad_token_id = load_tokenizer(rm_args, adapter).pad_token_id
     model = load_model(rm_args, AutoModelForSequenceClassification, num_labels=1, pad_token_id=pad_token_id)
-    if adapter_config.exists():
-        model = apply_adapter(model, path).merge_and_unload()
+    if adapter:
+        model = apply_adapter(model, adapter).merge_and_unload()
     return model.eval().requires_grad_(False)

@@ -14,6 +14,8 @@ from medicalgpt.generation import stream_generate
 from medicalgpt.modeling import load_for_inference, load_tokenizer, set_stop_tokens, with_adapter_base
 from medicalgpt.templates import resolve_template
 
+LOOPBACK = ("127.0.0.1", "localhost", "::1")  # the addresses that keep a server off the network
+
 
 @dataclass
 class BaseModelArguments(ModelArguments):
