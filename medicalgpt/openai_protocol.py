@@ -66,7 +66,7 @@ class ChatCompletionRequest(StrictModel):
     n: int = 1
     stop: str | Annotated[list[str], Field(max_length=4)] | None = None
     seed: int | None = None
-    logprobs: bool = False
+    logprobs: bool | None = None  # clients send null for "not asked"
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
 
     _text_unicode = field_validator("model", "stop")(_valid_unicode)
