@@ -129,17 +129,18 @@ class Completion:
         ran_out = self.counter.generated >= self.max_new_tokens and self.counter.last_token not in eos
         return "length" if ran_out and not self.stop_strings.hit else "stop"
 
-    def logprobs(self) -> dict | None:
-        """OpenAI's logprobs of each generated token (up to the end-of-turn token) from the model's raw logits, with
-        the top_logprobs most likely alternatives; None unless the request asked for them."""
+    def logprobs(self, text: str) -> dict | None:
+        """OpenAI's logprobs of each generated token of `text` (up to the end-of-turn token or the stop string)
+        from the model's raw logits, with the top_logprobs most likely alternatives; None unless asked for."""
         if not self.request.logprobs:
             return None
         output, eos = self.outputs[0], self.chat.model.generation_config.eos_token_id or []
         decode = self.chat.tokenizer.decode
-        content = []
+        content, shown = [], 0
         for token_id, logits in zip(output.sequences[0, len(self.prompt):].tolist(), output.logits, strict=True):
-            if token_id in eos:
+            if token_id in eos or shown >= len(text):
                 break
+            shown += len(decode([token_id]))
             logprobs = torch.log_softmax(logits[0].float(), dim=-1)
             top = torch.topk(logprobs, self.request.top_logprobs or 0)
             content.append({**token_logprob(decode([token_id]), logprobs[token_id].item()), "top_logprobs": [
@@ -319,7 +320,7 @@ def create_app(chat: ChatModel, model_name: str = "medicalgpt", api_key: str | N
             return StreamingResponse(stream_events(completion, ChunkWriter(model_name), turn),
                                      media_type="text/event-stream")
         text = await complete(completion, turn, http_request)
-        logprobs = await run_in_threadpool(completion.logprobs)  # a softmax over the vocabulary per token
+        logprobs = await run_in_threadpool(completion.logprobs, text)  # a softmax over the vocabulary per token
         return completion_body(model_name, text, completion.finish_reason, completion.usage(), logprobs)
 
     return app

@@ -124,6 +124,8 @@ def test_stop_strings_cut_the_text_streamed_or_not(client):
     assert (response.choices[0].message.content, response.choices[0].finish_reason) == (cut, "stop")
     streamed, chunks = streamed_text(client, question, stop=stop)
     assert (streamed, chunks[-1].choices[0].finish_reason) == (cut, "stop")
+    tokens = [t.token for t in ask(client, question, stop=stop, logprobs=True).choices[0].logprobs.content]
+    assert "".join(tokens).startswith(cut) and not "".join(tokens[:-1]).startswith(cut)  # the tokens of the cut text
 
 
 def test_stop_string_split_across_pieces_is_held_back_then_cut():
