@@ -45,7 +45,14 @@ from medicalgpt.evaluation import (
     teacher_kl,
 )
 from medicalgpt.generation import generate
-from medicalgpt.modeling import load_for_inference, load_model, load_reward_model, load_tokenizer, set_stop_tokens
+from medicalgpt.modeling import (
+    load_for_inference,
+    load_model,
+    load_reward_model,
+    load_tokenizer,
+    set_stop_tokens,
+    with_adapter_base,
+)
 from medicalgpt.report import markdown
 from medicalgpt.rewards import choice_accuracy, load_reward_functions
 from medicalgpt.templates import resolve_template
@@ -171,6 +178,7 @@ def distance_from_teacher(model, model_args, tokenizer, template, args: EvalArgu
 
 def evaluate_model(model_args: ModelArguments, args: EvalArguments) -> dict:
     """Every requested metric of one model, and its sample answers."""
+    model_args = with_adapter_base(model_args, args.lora_model)
     tokenizer = load_tokenizer(model_args, args.lora_model)
     template = resolve_template(tokenizer, args.template_name)
     model = load_for_inference(model_args, args.lora_model)

@@ -4,16 +4,39 @@
     python gradio_demo.py --base_model Qwen/Qwen2.5-0.5B-Instruct --lora_model outputs-sft --server_port 7860
 
 It listens on 127.0.0.1 only; --server_name 0.0.0.0 opens it to the network, --share makes a public link.
+Sign-in (Gradio's own): MEDICALGPT_DEMO_AUTH=user:password, or --auth_file with one user:password per line; a
+password never goes on the command line, where other users of the machine can read it.
 """
 
+import logging
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import gradio as gr
 
 from medicalgpt.args import parse_args
-from medicalgpt.errors import run_cli
-from medicalgpt.serving import BaseModelArguments, ChatModel, ServeArguments, load_chat_model, message_text
+from medicalgpt.errors import UsageError, run_cli
+from medicalgpt.serving import (
+    LOOPBACK,
+    BaseModelArguments,
+    ChatModel,
+    ServeArguments,
+    completion_budget,
+    context_length,
+    invalid_unicode,
+    load_chat_model,
+    message_text,
+)
+
+logger = logging.getLogger(__name__)
+ERROR_NOTE = "\n\n⚠️ "  # starts the note a reply ends with when it failed; dropped from the history sent back
+DISCLAIMER = ("A research demo of a language model, not a doctor: its answers can be wrong or harmful. It does not "
+              "give medical advice; for a diagnosis or treatment see a qualified professional, and in an emergency "
+              "call your local emergency number.")
+EXAMPLES = ["高血压患者日常饮食要注意什么？", "What are the common symptoms of type 2 diabetes?",
+            "儿童发烧38.5度应该怎么处理？", "How is gout diagnosed?"]
 
 
 @dataclass
@@ -24,48 +47,98 @@ class DemoArguments:
     system_prompt: str = field(default="", metadata={"help": "Initial system prompt; empty = the template's."})
     temperature: float = field(default=0.7, metadata={"help": "Initial temperature; 0 = greedy decoding."})
     top_p: float = field(default=0.9, metadata={"help": "Initial nucleus-sampling top-p."})
+    auth_file: str | None = field(default=None, metadata={
+        "help": "Ask for a sign-in: a file of user:password lines. Default: $MEDICALGPT_DEMO_AUTH (user:password); "
+                "neither = open to anyone who can reach the page."})
+
+
+def read_auth(auth_file: str | None) -> list[tuple[str, str]] | None:
+    """The (user, password) pairs Gradio's launch(auth=...) takes, from --auth_file or $MEDICALGPT_DEMO_AUTH."""
+    source = Path(auth_file).read_text(encoding="utf-8") if auth_file else os.environ.get("MEDICALGPT_DEMO_AUTH", "")
+    pairs = [line.strip().partition(":") for line in source.splitlines() if line.strip()]
+    if any(not user or not sep or not password for user, sep, password in pairs):
+        raise UsageError(f"{auth_file or '$MEDICALGPT_DEMO_AUTH'}: expected user:password (one per line)")
+    return [(user, password) for user, _, password in pairs] or None
 
 
 def normalise_history(history: list[dict]) -> list[dict]:
     """Gradio history as the chat templates take it: role and plain-text content (the browser sends content as
-    a list of {"type": "text", "text": ...} parts, gradio_client as a string)."""
-    return [{"role": m["role"], "content": message_text(m["content"])} for m in history]
+    a list of {"type": "text", "text": ...} parts, gradio_client as a string). A failed reply loses the note that
+    ended it: the note is for the reader, not the model."""
+    messages = [{"role": m["role"], "content": message_text(m["content"])} for m in history]
+    return [{**m, "content": m["content"].partition(ERROR_NOTE)[0]} if m["role"] == "assistant" else m
+            for m in messages]
+
+
+def conversation(message: str, history: list[dict], system_prompt: str) -> list[dict]:
+    """The messages to answer; an empty message, or text the tokenizer cannot take, is a UsageError."""
+    if not message.strip():
+        raise UsageError("Type a question first.")
+    system = [{"role": "system", "content": system_prompt}] if system_prompt.strip() else []
+    messages = system + normalise_history(history) + [{"role": "user", "content": message}]
+    for where, text in [("message", message), ("system prompt", system_prompt),
+                        *(("history", m["content"]) for m in messages)]:
+        if problem := invalid_unicode(text):
+            raise UsageError(f"The {where} has {problem}")
+    return messages
 
 
 def responder(chat: ChatModel) -> Callable[..., Iterator[str]]:
-    """ChatInterface's fn: yields the reply so far after every generated piece."""
+    """ChatInterface's fn: yields the reply so far after every generated piece. It never raises: an error ends the
+    reply with a note saying what went wrong, and the chat stays usable (Gradio would leave the textbox disabled)."""
 
     def respond(message: str, history: list[dict], system_prompt: str, temperature: float, top_p: float,
                 max_new_tokens: int) -> Iterator[str]:
-        system = [{"role": "system", "content": system_prompt}] if system_prompt.strip() else []
-        messages = system + normalise_history(history) + [{"role": "user", "content": message}]
         reply = ""
-        for piece in chat.stream(chat.encode(messages), int(max_new_tokens), temperature=temperature, top_p=top_p):
-            reply += piece
-            yield reply
+        try:
+            prompt = chat.encode(conversation(message, history, system_prompt))
+            # The slider's value is a default cut to the room the context leaves; no room is the API's 400 message.
+            budget = completion_budget(len(prompt), None, int(max_new_tokens), context_length(chat.model))
+            # Sliders send whole numbers as int (temperature 2), which generate() refuses: coerce.
+            for piece in chat.stream(prompt, budget, temperature=float(temperature), top_p=float(top_p)):
+                reply += piece
+                yield reply
+        except UsageError as error:
+            yield (reply + ERROR_NOTE + str(error)).lstrip()
+        except Exception as error:
+            logger.exception("generation failed")
+            yield (reply + ERROR_NOTE + f"Generation failed: {type(error).__name__}: {error}").lstrip()
 
     return respond
 
 
+def has_text(message: str) -> dict:
+    """The textbox's validator: an empty or blank message is not sent."""
+    return gr.validate(bool(message.strip()), "Type a question first.")
+
+
 def build_demo(chat: ChatModel, args: DemoArguments, max_new_tokens: int = 512) -> gr.ChatInterface:
-    """The chat page; the chatbot's own trash button clears the conversation."""
+    """The chat page, with a disclaimer and example questions; the chatbot's own trash button clears it."""
     controls = [
         gr.Textbox(args.system_prompt, label="System prompt", lines=2),
         gr.Slider(0.0, 2.0, value=args.temperature, step=0.05, label="Temperature (0 = greedy)"),
         gr.Slider(0.05, 1.0, value=args.top_p, step=0.05, label="Top-p"),
         gr.Slider(1, max(2048, max_new_tokens), value=max_new_tokens, step=1, label="Max new tokens"),
     ]
-    return gr.ChatInterface(responder(chat), additional_inputs=controls, title="MedicalGPT",
+    return gr.ChatInterface(responder(chat), additional_inputs=controls, title="MedicalGPT", description=DISCLAIMER,
+                            examples=[[question] for question in EXAMPLES],  # the settings stay as they are
                             additional_inputs_accordion=gr.Accordion("Settings", open=False),
-                            api_name="chat", analytics_enabled=False)  # no calls home: runs offline
+                            validator=has_text, api_name="chat", analytics_enabled=False)  # no calls home: offline
 
 
 def main(argv: list[str] | None = None) -> None:
     model_args, serve_args, demo_args = parse_args((BaseModelArguments, ServeArguments, DemoArguments), argv)
+    auth = read_auth(demo_args.auth_file)
     chat = load_chat_model(model_args, serve_args)
+    if not auth and (demo_args.share or demo_args.server_name not in LOOPBACK):
+        logger.warning("Serving the chat on %s without a sign-in: anyone who can reach it can use it (set "
+                       "MEDICALGPT_DEMO_AUTH=user:password or --auth_file)",
+                       "a public gradio.live link" if demo_args.share else demo_args.server_name)
     demo = build_demo(chat, demo_args, serve_args.max_new_tokens)
-    demo.queue().launch(server_name=demo_args.server_name, server_port=demo_args.server_port, share=demo_args.share)
+    demo.queue().launch(server_name=demo_args.server_name, server_port=demo_args.server_port, share=demo_args.share,
+                        auth=auth)
 
 
 if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO)
     run_cli(main)

@@ -19,7 +19,7 @@ from trl import GRPOConfig, GRPOTrainer
 
 from medicalgpt.args import ChatDataArguments, LoraArguments, ModelArguments, parse_args
 from medicalgpt.data import to_grpo
-from medicalgpt.errors import UsageError, run_cli
+from medicalgpt.errors import DataError, UsageError, run_cli
 from medicalgpt.modeling import (
     apply_lora,
     check_model_args,
@@ -29,6 +29,7 @@ from medicalgpt.modeling import (
     set_stop_tokens,
 )
 from medicalgpt.rewards import REWARD_FUNCTIONS, THINK_ANSWER_PROMPT, load_reward_functions
+from medicalgpt.templates import holds_special_tokens
 from medicalgpt.training import STAGE_DEFAULTS, load_chat_inputs, prepare_run, train_and_save
 
 
@@ -98,6 +99,16 @@ def load_reward_scorer(path: str, model_args: ModelArguments, chat_template: str
     return load_reward_model(path, model_args), tokenizer
 
 
+def check_plain_prompts(splits, tokenizer) -> None:
+    """TRL renders GRPO prompts with the chat template itself, so a special-token string inside a message would
+    become a control token (a forged turn): such records are refused instead."""
+    for name, split in splits.items():
+        for number, prompt in enumerate(split["prompt"], 1):
+            if holds_special_tokens(tokenizer, prompt):
+                raise DataError(f"{name} record {number}: a message holds a special-token string, which would become "
+                                "a control token: remove it, or pass --allow_special_tokens_in_content")
+
+
 def main(argv: list[str] | None = None) -> dict:
     model_args, lora_args, data_args, training_args, reward_args = parse_grpo_args(argv)
     check_model_args(model_args, lora_args)
@@ -112,6 +123,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     convert = functools.partial(to_grpo, system_prompt=reward_args.system_prompt or None)
     splits, tokenizer, template = load_chat_inputs(model_args, data_args, training_args, convert)
+    if not data_args.allow_special_tokens_in_content:
+        check_plain_prompts(splits, tokenizer)
     model = apply_lora(load_model(model_args), lora_args, training_args)
     set_stop_tokens(model, tokenizer, template.stop_words)  # a completion ends at the template's end of turn
     reward_tokenizers = [None] * len(reward_funcs)

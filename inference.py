@@ -61,7 +61,22 @@ class GenerationArguments:
 
 def parse_inference_args(argv: list[str] | None) -> tuple[BaseModelArguments, InferenceArguments,
                                                           GenerationArguments]:
-    return parse_args((BaseModelArguments, InferenceArguments, GenerationArguments), argv)
+    model_args, args, gen_args = parse_args((BaseModelArguments, InferenceArguments, GenerationArguments), argv)
+    check_generation_args(gen_args)
+    return model_args, args, gen_args
+
+
+def check_generation_args(gen_args: GenerationArguments) -> None:
+    """Values generate() would refuse with a traceback, or (a negative temperature) silently read as greedy."""
+    for flag, value, valid, expected in [
+        ("max_new_tokens", gen_args.max_new_tokens, gen_args.max_new_tokens >= 1, "at least 1"),
+        ("temperature", gen_args.temperature, gen_args.temperature >= 0, "0 (greedy) or more"),
+        ("top_p", gen_args.top_p, 0 < gen_args.top_p <= 1, "in (0, 1]"),
+        ("top_k", gen_args.top_k, gen_args.top_k >= 0, "0 (no limit) or more"),
+        ("repetition_penalty", gen_args.repetition_penalty, gen_args.repetition_penalty > 0, "above 0"),
+    ]:
+        if not valid:
+            raise UsageError(f"--{flag} {value}: must be {expected}")
 
 
 def check_batch_args(args: InferenceArguments) -> None:
@@ -136,25 +151,30 @@ def write_rows(rows: list[dict], output_file: str) -> None:
 
 
 def stream_reply(model, tokenizer, prompt: list[int], gen_args: GenerationArguments) -> str:
-    """Print the reply while it is generated; returns it whole."""
+    """Print the reply while it is generated; returns it whole, or as far as it got when Ctrl-C stopped it."""
     print("Assistant: ", end="", flush=True)
     reply = ""
-    for piece in stream_generate(model, tokenizer, prompt, **asdict(gen_args)):
-        piece = piece if reply else piece.lstrip()  # the reply starts at its first visible character
-        print(piece, end="", flush=True)
-        reply += piece
+    try:
+        for piece in stream_generate(model, tokenizer, prompt, **asdict(gen_args)):
+            piece = piece if reply else piece.lstrip()  # the reply starts at its first visible character
+            print(piece, end="", flush=True)
+            reply += piece
+    except KeyboardInterrupt:  # stream_generate has stopped the generation on its way out
+        print(" (stopped)", end="")
     print()
     return reply.strip()
 
 
 def chat(model, tokenizer, template, args: InferenceArguments, gen_args: GenerationArguments) -> None:
-    """A chat on stdin that keeps the conversation so far: `clear` starts over, `exit` or end of input quits."""
-    print("Type a message. 'clear' starts a new conversation; 'exit' (or Ctrl-D) quits.")
+    """A chat on stdin that keeps the conversation so far: `clear` starts over, `exit`, end of input or Ctrl-C at
+    the prompt quits; Ctrl-C during a reply stops it."""
+    print("Type a message. 'clear' starts a new conversation; 'exit' (or Ctrl-D) quits; Ctrl-C stops a reply.")
     history: list[dict] = []
     while True:
         try:
             text = input("\nUser: ").strip()
-        except EOFError:
+        except (EOFError, KeyboardInterrupt):
+            print()
             break
         if text == "exit":
             break

@@ -10,13 +10,12 @@ adapter's modules_to_save.
 """
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from transformers import AutoModelForSequenceClassification, PreTrainedModel
 
 from medicalgpt.args import parse_args
 from medicalgpt.errors import UsageError, run_cli
-from medicalgpt.modeling import load_model, load_tokenizer
+from medicalgpt.modeling import apply_adapter, load_model, load_tokenizer, with_adapter_base
 from medicalgpt.serving import BaseModelArguments
 
 TASK_TYPES = {"CAUSAL_LM": "causal_lm", "SEQ_CLS": "seq_cls"}
@@ -53,22 +52,19 @@ def check_args(model_args: BaseModelArguments, args: MergeArguments) -> None:
     if model_args.load_in_4bit or model_args.load_in_8bit:
         raise UsageError("merge into a full-precision base: drop --load_in_4bit/--load_in_8bit (a QLoRA adapter "
                          "merges into the unquantized base)")
-    if not Path(args.lora_model, "adapter_config.json").is_file():
-        raise UsageError(f"--lora_model {args.lora_model}: no adapter_config.json there (not a LoRA adapter)")
 
 
 def main(argv: list[str] | None = None) -> str:
     model_args, args = parse_args((BaseModelArguments, MergeArguments), argv)
     check_args(model_args, args)
+    model_args = with_adapter_base(model_args, args.lora_model)  # the adapter's recorded base unless given
     model_type = adapter_model_type(args.lora_model) if args.model_type == "auto" else args.model_type
     tokenizer = load_tokenizer(model_args, args.lora_model)
-    from peft import PeftModel
-
     base = load_base(model_args, model_type, tokenizer.pad_token_id)
-    merged = PeftModel.from_pretrained(base, args.lora_model).merge_and_unload()
+    merged = apply_adapter(base, args.lora_model).merge_and_unload()
     merged.save_pretrained(args.output_dir)  # config, weights and (for a causal LM) generation_config.json
     tokenizer.save_pretrained(args.output_dir)
-    print(f"Merged {args.lora_model} into {model_args.model_name_or_path or 'the default model'} ({model_type}); "
+    print(f"Merged {args.lora_model} into {model_args.model_name_or_path} ({model_type}); "
           f"saved to {args.output_dir}")
     return args.output_dir
 

@@ -33,6 +33,7 @@ from medicalgpt.args import ModelArguments, parse_args
 from medicalgpt.errors import UsageError, run_cli
 from medicalgpt.modeling import model_path
 from medicalgpt.openai_protocol import (
+    INVALID_UNICODE,
     ApiError,
     ChatCompletionRequest,
     ChunkWriter,
@@ -40,11 +41,22 @@ from medicalgpt.openai_protocol import (
     completion_body,
     error_body,
     sse,
+    token_logprob,
 )
-from medicalgpt.serving import BaseModelArguments, ChatModel, ServeArguments, context_length, load_chat_model
+from medicalgpt.serving import (
+    LOOPBACK,
+    BaseModelArguments,
+    ChatModel,
+    ContextLengthError,
+    ServeArguments,
+    completion_budget,
+    context_length,
+    load_chat_model,
+)
 from medicalgpt.templates import CHAT_TEMPLATE_DIR, get_template
 
 logger = logging.getLogger(__name__)
+DEFAULT_MAX_REQUEST_BYTES = 4 * 1024 * 1024  # far more text than any context holds
 
 
 @dataclass
@@ -58,6 +70,10 @@ class ApiArguments:
     max_model_len: int | None = field(default=None, metadata={
         "help": "Most tokens a request may use, prompt + completion; longer ones get a 400. Default: the model's "
                 "max_position_embeddings."})
+    max_request_bytes: int = field(default=DEFAULT_MAX_REQUEST_BYTES, metadata={
+        "help": "Largest request body accepted; larger ones get a 413 before they are read."})
+    docs: bool = field(default=False, metadata={
+        "help": "Serve the interactive API docs at /docs and /redoc (their pages load scripts from a CDN)."})
     backend: str = field(default="transformers", metadata={
         "help": "vllm: exec vLLM's OpenAI server with these flags (needs vllm and a CUDA GPU).",
         "choices": ["transformers", "vllm"]})
@@ -89,11 +105,13 @@ class Completion:
         self.stop = threading.Event()  # set when the client goes away
         self.counter = TokenCounter(len(self.prompt))
         self.stop_strings = StopStrings(request.stop_strings())
+        self.outputs: list = []  # generate()'s output, with the logits of each step, when logprobs are asked for
 
     def pieces(self) -> Iterator[str]:
         """The completion's text, piece by piece; generation errors propagate."""
         stream = self.chat.stream(self.prompt, self.max_new_tokens, stop=self.stop, stopping_criteria=[self.counter],
-                                  temperature=self.request.temperature, top_p=self.request.top_p)
+                                  temperature=self.request.temperature, top_p=self.request.top_p,
+                                  seed=self.request.seed, outputs=self.outputs if self.request.logprobs else None)
         try:
             for piece in stream:
                 if text := self.stop_strings.feed(piece):
@@ -110,6 +128,24 @@ class Completion:
         eos = self.chat.model.generation_config.eos_token_id or []
         ran_out = self.counter.generated >= self.max_new_tokens and self.counter.last_token not in eos
         return "length" if ran_out and not self.stop_strings.hit else "stop"
+
+    def logprobs(self, text: str) -> dict | None:
+        """OpenAI's logprobs of each generated token of `text` (up to the end-of-turn token or the stop string)
+        from the model's raw logits, with the top_logprobs most likely alternatives; None unless asked for."""
+        if not self.request.logprobs:
+            return None
+        output, eos = self.outputs[0], self.chat.model.generation_config.eos_token_id or []
+        decode = self.chat.tokenizer.decode
+        content, shown = [], 0
+        for token_id, logits in zip(output.sequences[0, len(self.prompt):].tolist(), output.logits, strict=True):
+            if token_id in eos or shown >= len(text):
+                break
+            shown += len(decode([token_id]))
+            logprobs = torch.log_softmax(logits[0].float(), dim=-1)
+            top = torch.topk(logprobs, self.request.top_logprobs or 0)
+            content.append({**token_logprob(decode([token_id]), logprobs[token_id].item()), "top_logprobs": [
+                token_logprob(decode([i]), value) for value, i in zip(top.values.tolist(), top.indices.tolist())]})
+        return {"content": content}
 
     def usage(self) -> dict:
         return {"prompt_tokens": len(self.prompt), "completion_tokens": self.counter.generated,
@@ -128,20 +164,6 @@ class Completion:
             logger.exception("generation failed")
             yield sse(error_body(failure_message(error), "server_error"))
         yield sse("[DONE]")
-
-
-def completion_budget(prompt_tokens: int, requested: int | None, default: int, max_model_len: int | None) -> int:
-    """The tokens to generate: as requested, or the default cut to the room the context leaves. A prompt that
-    leaves no room, or a request for more than there is, is refused the way OpenAI refuses it."""
-    if max_model_len is None:
-        return requested or default
-    room = max_model_len - prompt_tokens
-    if room < (requested or 1):
-        raise ApiError(400, f"This model's maximum context length is {max_model_len} tokens. However, you requested "
-                            f"{prompt_tokens + (requested or 1)} tokens ({prompt_tokens} in the messages, "
-                            f"{requested or 1} in the completion). Please reduce the length of the messages or "
-                            "completion.", param="messages", code="context_length_exceeded")
-    return requested or min(default, room)
 
 
 def failure_message(error: Exception) -> str:
@@ -163,6 +185,61 @@ async def stream_events(completion: Completion, writer: ChunkWriter, turn: anyio
                 await run_in_threadpool(events.close)
 
 
+class BodySizeLimit:
+    """ASGI middleware: a request body over max_bytes is a 413, refused from its Content-Length before any of it
+    is read, or as soon as a chunked body grows past the limit (Starlette has no such limit of its own)."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length", b"")
+        declared = int(length) if length.isdigit() else 0
+        received = 0
+
+        def too_large() -> HTTPException:  # FastAPI answers an HTTPException raised while it reads the body
+            return HTTPException(413, f"The request body is larger than {self.max_bytes} bytes (the server's "
+                                      "--max_request_bytes).")
+
+        async def limited_receive() -> dict:
+            nonlocal received
+            if declared > self.max_bytes:
+                raise too_large()
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise too_large()
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+
+async def complete(completion: Completion, turn: anyio.Lock, http_request: Request) -> str:
+    """The whole completion text once it is this request's turn. A client that disconnects, while queued or during
+    generation, stops it: nobody would read the answer, and the requests queued behind it would wait."""
+
+    async def stop_on_disconnect() -> None:
+        while (await http_request.receive())["type"] != "http.disconnect":
+            pass
+        completion.stop.set()
+
+    text, failure = "", None
+    async with anyio.create_task_group() as tasks:
+        tasks.start_soon(stop_on_disconnect)
+        try:
+            async with turn:
+                text = await run_in_threadpool(lambda: "".join(completion.pieces()))
+        except Exception as error:  # raised outside the task group, which would wrap it in an ExceptionGroup
+            failure = error
+        tasks.cancel_scope.cancel()
+    if failure:
+        raise ApiError(500, failure_message(failure), "server_error") from failure
+    return text
+
+
 def require_api_key(api_key: str | None):
     """A dependency that checks `Authorization: Bearer <api_key>` (no check without a key)."""
 
@@ -182,6 +259,11 @@ def add_error_handlers(app: FastAPI) -> None:
     async def api_error(request: Request, error: ApiError) -> JSONResponse:
         return JSONResponse(error.body, status_code=error.status)
 
+    @app.exception_handler(ContextLengthError)
+    async def context_length_error(request: Request, error: ContextLengthError) -> JSONResponse:
+        return JSONResponse(error_body(str(error), "invalid_request_error", "messages", "context_length_exceeded"),
+                            status_code=400)
+
     @app.exception_handler(UsageError)  # e.g. a conversation the chat template cannot end with
     async def usage_error(request: Request, error: UsageError) -> JSONResponse:
         return JSONResponse(error_body(str(error), "invalid_request_error"), status_code=400)
@@ -192,9 +274,12 @@ def add_error_handlers(app: FastAPI) -> None:
         if first["type"] == "json_invalid" or tuple(first["loc"]) == ("body",):
             message = "The body must be a JSON object, sent with Content-Type: application/json"
             return JSONResponse(error_body(message, "invalid_request_error"), status_code=400)
+        # Text that cannot be tokenised is a bad request (400); other schema problems are 422s.
+        unicode = [e for e in error.errors() if e["type"] == INVALID_UNICODE]
+        errors, status = (unicode, 400) if unicode else (error.errors(), 422)
         # Every problem in the message (a union field reports one per alternative); the top-level field as param.
-        message = "; ".join(f"{'.'.join(map(str, e['loc'][1:]))}: {e['msg']}" for e in error.errors())
-        return JSONResponse(error_body(message, "invalid_request_error", str(first["loc"][1])), status_code=422)
+        message = "; ".join(f"{'.'.join(map(str, e['loc'][1:]))}: {e['msg']}" for e in errors)
+        return JSONResponse(error_body(message, "invalid_request_error", str(errors[0]["loc"][1])), status_code=status)
 
     @app.exception_handler(HTTPException)  # unknown paths, wrong methods
     async def http_error(request: Request, error: HTTPException) -> JSONResponse:
@@ -203,13 +288,16 @@ def add_error_handlers(app: FastAPI) -> None:
 
 
 def create_app(chat: ChatModel, model_name: str = "medicalgpt", api_key: str | None = None,
-               max_new_tokens: int = 512, max_model_len: int | None = None) -> FastAPI:
+               max_new_tokens: int = 512, max_model_len: int | None = None, docs: bool = False,
+               max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES) -> FastAPI:
     """The API around one chat model; max_model_len defaults to the model's context length.
 
     Requests wait for their `turn` in the event loop, not in worker threads: queued requests then cannot fill
     the thread pool that the running generation needs to make progress.
     """
-    app = FastAPI(title="MedicalGPT", dependencies=[Depends(require_api_key(api_key))])
+    app = FastAPI(title="MedicalGPT", dependencies=[Depends(require_api_key(api_key))],
+                  **({} if docs else {"docs_url": None, "redoc_url": None}))
+    app.add_middleware(BodySizeLimit, max_bytes=max_request_bytes)
     add_error_handlers(app)
     turn = anyio.Lock()
     max_model_len = max_model_len or context_length(chat.model)
@@ -220,22 +308,20 @@ def create_app(chat: ChatModel, model_name: str = "medicalgpt", api_key: str | N
                 "data": [{"id": model_name, "object": "model", "created": 0, "owned_by": "medicalgpt"}]}
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(request: ChatCompletionRequest):
+    async def chat_completions(request: ChatCompletionRequest, http_request: Request):
         if request.model != model_name:
             raise ApiError(404, f"The model '{request.model}' does not exist; this server serves '{model_name}'.",
                            param="model", code="model_not_found")
-        if request.n != 1:
-            raise ApiError(400, "Only n=1 is supported.", param="n")
-        completion = Completion(chat, request, max_new_tokens, max_model_len)
+        if unsupported := request.unsupported():
+            raise ApiError(400, unsupported[1], param=unsupported[0])
+        # Rendering and tokenising a long prompt takes a while: in a worker thread, so other requests go on.
+        completion = await run_in_threadpool(Completion, chat, request, max_new_tokens, max_model_len)
         if request.stream:
             return StreamingResponse(stream_events(completion, ChunkWriter(model_name), turn),
                                      media_type="text/event-stream")
-        async with turn:
-            try:
-                text = await run_in_threadpool(lambda: "".join(completion.pieces()))
-            except Exception as error:
-                raise ApiError(500, failure_message(error), "server_error") from error
-        return completion_body(model_name, text, completion.finish_reason, completion.usage())
+        text = await complete(completion, turn, http_request)
+        logprobs = await run_in_threadpool(completion.logprobs, text)  # a softmax over the vocabulary per token
+        return completion_body(model_name, text, completion.finish_reason, completion.usage(), logprobs)
 
     return app
 
@@ -275,10 +361,10 @@ def main(argv: list[str] | None = None) -> None:
         cmd = vllm_command(model_args, serve_args, api_args)
         os.execvpe(cmd[0], cmd, {**os.environ, "VLLM_API_KEY": api_key} if api_key else dict(os.environ))
     chat = load_chat_model(model_args, serve_args)
-    if api_args.host not in ("127.0.0.1", "localhost", "::1") and not api_key:
+    if api_args.host not in LOOPBACK and not api_key:
         logger.warning("Serving on %s without an API key: anyone who can reach it can use it", api_args.host)
-    uvicorn.run(create_app(chat, api_args.model_name, api_key, serve_args.max_new_tokens, api_args.max_model_len),
-                host=api_args.host, port=api_args.port)
+    uvicorn.run(create_app(chat, api_args.model_name, api_key, serve_args.max_new_tokens, api_args.max_model_len,
+                           api_args.docs, api_args.max_request_bytes), host=api_args.host, port=api_args.port)
 
 
 if __name__ == "__main__":

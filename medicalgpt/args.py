@@ -88,6 +88,10 @@ class PretrainDataArguments(DataArguments):
 class ChatDataArguments(DataArguments):
     template_name: str | None = field(default=None, metadata={
         "help": "Built-in chat template (chatml, qwen, llama3, ...). Default: the tokenizer's own template."})
+    allow_special_tokens_in_content: bool = field(default=False, metadata={
+        "help": "Tokenise special-token strings inside message content (e.g. a typed end-of-turn token) as control "
+                "tokens. "
+                "Default: as plain text, so that no message can forge a turn."})
 
 
 @dataclass

@@ -51,24 +51,33 @@ class _StopOnEvent(StoppingCriteria):
 
 def stream_generate(model, tokenizer, prompt: list[int], max_new_tokens: int = 128,
                     stop: threading.Event | None = None, timeout: float = 120.0,
-                    stopping_criteria: Sequence[StoppingCriteria] = (), **sampling) -> Iterator[str]:
+                    stopping_criteria: Sequence[StoppingCriteria] = (), seed: int | None = None,
+                    outputs: list | None = None, **sampling) -> Iterator[str]:
     """Yield the completion of one tokenised prompt as text pieces while it is generated.
 
     Setting `stop` ends generation early; extra `stopping_criteria` see every new token too (e.g. to count
     them). An error in the generation thread is re-raised here, and a stalled generation raises queue.Empty
-    after `timeout` seconds, so a consumer never hangs.
+    after `timeout` seconds, so a consumer never hangs. `seed` makes sampling reproducible (the caller must not
+    run two generations at once: it seeds torch's global generator). `outputs`, when given, receives generate()'s
+    output with its sequences and the raw logits of every step.
     """
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=timeout)
     stop = stop or threading.Event()
     failure: list[BaseException] = []
+    details = dict(return_dict_in_generate=True, output_logits=True) if outputs is not None else {}
 
     def run() -> None:
         try:
+            if seed is not None:
+                torch.manual_seed(seed)
             with torch.inference_mode():
-                model.generate(**left_padded([prompt], tokenizer.pad_token_id, model.device), streamer=streamer,
-                               max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                               stopping_criteria=StoppingCriteriaList([_StopOnEvent(stop), *stopping_criteria]),
-                               **sampling_kwargs(**sampling))
+                output = model.generate(
+                    **left_padded([prompt], tokenizer.pad_token_id, model.device), streamer=streamer,
+                    max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                    stopping_criteria=StoppingCriteriaList([_StopOnEvent(stop), *stopping_criteria]),
+                    **details, **sampling_kwargs(**sampling))
+            if outputs is not None:
+                outputs.append(output)
         except BaseException as error:  # handed to the consumer below
             failure.append(error)
             streamer.end()

@@ -1,5 +1,6 @@
 """Tokenizer and model loading shared by every stage: dtype, attention, quantization, RoPE scaling, LoRA."""
 
+import dataclasses
 import importlib.util
 import json
 import logging
@@ -25,6 +26,59 @@ def model_path(model_args: ModelArguments) -> str:
     return model_args.model_name_or_path or ensure_default_model()
 
 
+def adapter_base(lora_model: str) -> str | None:
+    """The base model a LoRA adapter was trained on, as its adapter_config.json records it."""
+    config = Path(lora_model, "adapter_config.json")
+    if not config.is_file():
+        raise UsageError(f"--lora_model {lora_model}: no adapter_config.json there (not a LoRA adapter)")
+    return json.loads(config.read_text(encoding="utf-8")).get("base_model_name_or_path")
+
+
+def with_adapter_base(model_args: ModelArguments, lora_model: str | None) -> ModelArguments:
+    """model_args whose model is the adapter's recorded base when none was given: an adapter on any other base
+    computes garbage without an error."""
+    if not lora_model:
+        return model_args
+    recorded = adapter_base(lora_model)
+    if model_args.model_name_or_path is None:
+        if not recorded:
+            raise UsageError(f"--lora_model {lora_model} does not record its base model: pass --base_model")
+        if Path(recorded).is_absolute() and not Path(recorded).exists():
+            raise UsageError(f"--lora_model {lora_model} was trained on {recorded}, which is not there any more: "
+                             "pass --base_model")
+        logger.info("--lora_model %s: using its recorded base model %s", lora_model, recorded)
+        return dataclasses.replace(model_args, model_name_or_path=recorded)
+    if recorded and model_args.model_name_or_path != recorded:
+        logger.warning("--lora_model %s was trained on %s, not on --base_model %s", lora_model, recorded,
+                       model_args.model_name_or_path)
+    return model_args
+
+
+def apply_adapter(model: PreTrainedModel, lora_model: str):
+    """The model with the LoRA adapter applied; an adapter trained on another architecture is a usage error."""
+    from peft import PeftModel
+
+    try:
+        return PeftModel.from_pretrained(model, lora_model)
+    except RuntimeError as error:
+        if "size mismatch" not in str(error):
+            raise
+        raise UsageError(f"--lora_model {lora_model} does not fit the base model {model.name_or_path} (its weight "
+                         f"shapes differ): pass the base it was trained on, {adapter_base(lora_model)}, as "
+                         "--base_model") from None
+
+
+def _check_adapter_vocabulary(adapter_tokenizer, model_args: ModelArguments, lora_model: str) -> None:
+    """Every token of the base model's tokenizer must keep its id in the adapter's (which may add tokens)."""
+    base_vocab = AutoTokenizer.from_pretrained(
+        model_path(model_args), trust_remote_code=model_args.trust_remote_code).get_vocab()
+    adapter_vocab = adapter_tokenizer.get_vocab()
+    if any(adapter_vocab.get(token) != i for token, i in base_vocab.items()):
+        raise UsageError(f"--lora_model {lora_model} was trained with another vocabulary than the base model "
+                         f"{model_path(model_args)}: pass the base it was trained on, {adapter_base(lora_model)}, "
+                         "as --base_model")
+
+
 def load_tokenizer(model_args: ModelArguments, lora_model: str | None = None):
     """The tokenizer, with a pad token (falls back to EOS) so batches can be padded.
 
@@ -35,6 +89,8 @@ def load_tokenizer(model_args: ModelArguments, lora_model: str | None = None):
     tokenizer = AutoTokenizer.from_pretrained(
         model_args.tokenizer_name_or_path or adapter_tokenizer or model_path(model_args),
         trust_remote_code=model_args.trust_remote_code)
+    if adapter_tokenizer and not model_args.tokenizer_name_or_path:
+        _check_adapter_vocabulary(tokenizer, model_args, lora_model)
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
             raise UsageError("the tokenizer has neither a pad nor an EOS token; add one before training")
@@ -216,9 +272,7 @@ def load_for_inference(model_args: ModelArguments, lora_model: str | None = None
     if torch.cuda.is_available() and not getattr(model, "is_quantized", False):
         model = model.to("cuda")  # bitsandbytes has already placed quantized weights on the current GPU
     if lora_model:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, lora_model)
+        model = apply_adapter(model, lora_model)
     return model.eval()
 
 
@@ -226,16 +280,13 @@ def load_reward_model(path: str, model_args: ModelArguments) -> PreTrainedModel:
     """A frozen reward model from reward_modeling.py: a merged directory, or a LoRA adapter merged into its base."""
     from transformers import AutoModelForSequenceClassification
 
-    adapter_config = Path(path) / "adapter_config.json"
-    base = json.loads(adapter_config.read_text())["base_model_name_or_path"] if adapter_config.exists() else path
-    rm_args = ModelArguments(model_name_or_path=base, dtype=model_args.dtype,
-                             trust_remote_code=model_args.trust_remote_code)
+    adapter = path if Path(path, "adapter_config.json").exists() else None
+    rm_args = with_adapter_base(ModelArguments(model_name_or_path=None if adapter else path, dtype=model_args.dtype,
+                                               trust_remote_code=model_args.trust_remote_code), adapter)
     # The score is read at each sequence's last non-pad token, so the config must know the pad id (as in
     # reward_modeling.py); the reward model's own saved tokenizer says which it is.
-    pad_token_id = load_tokenizer(rm_args, path if adapter_config.exists() else None).pad_token_id
+    pad_token_id = load_tokenizer(rm_args, adapter).pad_token_id
     model = load_model(rm_args, AutoModelForSequenceClassification, num_labels=1, pad_token_id=pad_token_id)
-    if adapter_config.exists():
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, path).merge_and_unload()
+    if adapter:
+        model = apply_adapter(model, adapter).merge_and_unload()
     return model.eval().requires_grad_(False)

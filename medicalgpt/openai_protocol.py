@@ -5,28 +5,56 @@ import time
 import uuid
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic_core import PydanticCustomError
 
-from medicalgpt.serving import message_text
+from medicalgpt.serving import invalid_unicode, message_text
+
+INVALID_UNICODE = "invalid_unicode"  # the validation error type that is answered with a 400, as OpenAI does
+# Fields outside the schema that are accepted because they cannot change the completion.
+IGNORED_FIELDS = ("user", "store", "metadata", "service_tier")
+# Fields outside the schema that are accepted only with the value that asks for what this server does anyway.
+NEUTRAL_VALUES = {"response_format": {"type": "text"}, "frequency_penalty": 0, "presence_penalty": 0,
+                  "logit_bias": {}, "tools": [], "tool_choice": "none", "parallel_tool_calls": False}
+MAX_TOP_LOGPROBS = 20  # as OpenAI
 
 
-class TextPart(BaseModel):
+class StrictModel(BaseModel):
+    """No coercion: "stream": "yes" or "max_tokens": true is a schema error (422), not a guess."""
+
+    model_config = ConfigDict(strict=True)
+
+
+class TextPart(StrictModel):
     type: Literal["text"]
     text: str
 
 
-class ChatMessage(BaseModel):
+def _valid_unicode(value: str | list | None) -> str | list | None:
+    """A text field (a string, a list of strings or of text parts) that the tokenizer can take."""
+    texts = [value] if isinstance(value, str) else [v.text if isinstance(v, TextPart) else v for v in value or []]
+    for text in texts:
+        if problem := invalid_unicode(text):
+            raise PydanticCustomError(INVALID_UNICODE, problem)
+    return value
+
+
+class ChatMessage(StrictModel):
     role: Literal["system", "user", "assistant"]
     content: str | list[TextPart] | None = None
 
+    _content_unicode = field_validator("content")(_valid_unicode)
 
-class StreamOptions(BaseModel):
+
+class StreamOptions(StrictModel):
     include_usage: bool = False
 
 
-class ChatCompletionRequest(BaseModel):
-    """The fields this server honours; other OpenAI fields (user, seed, penalties, ...) are accepted and ignored."""
+class ChatCompletionRequest(StrictModel):
+    """The fields this server honours. Other fields are kept (extra) for unsupported() to refuse: a request is never
+    answered as if a field it relies on had been applied."""
 
+    model_config = ConfigDict(extra="allow")
     model: str
     messages: list[ChatMessage] = Field(min_length=1)
     stream: bool = False
@@ -37,6 +65,11 @@ class ChatCompletionRequest(BaseModel):
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     n: int = 1
     stop: str | Annotated[list[str], Field(max_length=4)] | None = None
+    seed: int | None = None
+    logprobs: bool | None = None  # clients send null for "not asked"
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+
+    _text_unicode = field_validator("model", "stop")(_valid_unicode)
 
     def conversation(self) -> list[dict]:
         """The messages as the chat templates take them: role and plain-text content."""
@@ -44,6 +77,23 @@ class ChatCompletionRequest(BaseModel):
 
     def stop_strings(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+    def unsupported(self) -> tuple[str, str] | None:
+        """(field, why) for the first field this server cannot honour, or None."""
+        for name, value in (self.model_extra or {}).items():
+            if name in IGNORED_FIELDS or value is None:
+                continue
+            if name not in NEUTRAL_VALUES:
+                return name, f"Unrecognized request argument supplied: {name}"
+            if value != NEUTRAL_VALUES[name]:
+                return name, f"{name} is not supported by this server; only {json.dumps(NEUTRAL_VALUES[name])} is"
+        if self.n != 1:
+            return "n", "Only n=1 is supported."
+        if self.top_logprobs is not None and not self.logprobs:
+            return "top_logprobs", "top_logprobs needs logprobs=true"
+        if self.logprobs and self.stream:
+            return "logprobs", "logprobs are supported only without stream"
+        return None
 
 
 class ApiError(Exception):
@@ -105,9 +155,13 @@ def sse(data: dict | str) -> str:
     return f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}\n\n"
 
 
-def completion_body(model: str, text: str, finish_reason: str, usage: dict) -> dict:
+def completion_body(model: str, text: str, finish_reason: str, usage: dict, logprobs: dict | None = None) -> dict:
     """A non-streamed chat.completion response."""
     return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
             "model": model, "usage": usage,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
                          "finish_reason": finish_reason}]}
+
+
+def token_logprob(token: str, logprob: float) -> dict:
+    return {"token": token, "logprob": logprob, "bytes": list(token.encode("utf-8"))}

@@ -11,8 +11,10 @@ import jinja2
 from medicalgpt.args import ModelArguments
 from medicalgpt.errors import UsageError
 from medicalgpt.generation import stream_generate
-from medicalgpt.modeling import load_for_inference, load_tokenizer, set_stop_tokens
+from medicalgpt.modeling import load_for_inference, load_tokenizer, set_stop_tokens, with_adapter_base
 from medicalgpt.templates import resolve_template
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")  # the addresses that keep a server off the network
 
 
 @dataclass
@@ -20,7 +22,8 @@ class BaseModelArguments(ModelArguments):
     """ModelArguments whose model flag is also spelled --base_model, as serving scripts traditionally do."""
 
     model_name_or_path: str | None = field(default=None, metadata={"aliases": ["--base_model"], "help": (
-        "The base model (or a merged model): hub name or local path. Default: the embedded default model.")})
+        "The base model (or a merged model): hub name or local path. Default: the base a --lora_model records, "
+        "else the embedded default model.")})
 
 
 @dataclass
@@ -56,7 +59,9 @@ class ChatModel:
 
 
 def load_chat_model(model_args: ModelArguments, serve_args: ServeArguments) -> ChatModel:
-    """Tokenizer and template first (fast failures), then the model with the template's stop tokens."""
+    """Tokenizer and template first (fast failures), then the model with the template's stop tokens. With a LoRA
+    adapter and no base model, the base is the one the adapter records."""
+    model_args = with_adapter_base(model_args, serve_args.lora_model)
     tokenizer = load_tokenizer(model_args, serve_args.lora_model)
     template = resolve_template(tokenizer, serve_args.template_name)
     model = load_for_inference(model_args, serve_args.lora_model)
@@ -64,9 +69,37 @@ def load_chat_model(model_args: ModelArguments, serve_args: ServeArguments) -> C
     return ChatModel(model, tokenizer, template)
 
 
+class ContextLengthError(UsageError):
+    """A prompt (plus the completion asked for) longer than the model's context; OpenAI's wording."""
+
+
+def completion_budget(prompt_tokens: int, requested: int | None, default: int, max_model_len: int | None) -> int:
+    """The tokens to generate: as requested, or the default cut to the room the context leaves. A prompt that
+    leaves no room, or a request for more than there is, is refused the way OpenAI refuses it."""
+    if max_model_len is None:
+        return requested or default
+    room = max_model_len - prompt_tokens
+    if room < (requested or 1):
+        raise ContextLengthError(
+            f"This model's maximum context length is {max_model_len} tokens. However, you requested "
+            f"{prompt_tokens + (requested or 1)} tokens ({prompt_tokens} in the messages, {requested or 1} in the "
+            "completion). Please reduce the length of the messages or completion.")
+    return requested or min(default, room)
+
+
 def context_length(model: Any) -> int | None:
     """The longest sequence (prompt + completion) the model was built for, when its config says."""
     return getattr(getattr(model, "config", None), "max_position_embeddings", None)
+
+
+def invalid_unicode(text: str) -> str | None:
+    """Why text cannot be tokenised, or None: JSON (and a browser) can carry a lone UTF-16 surrogate, which no
+    tokenizer (and no UTF-8 response) can hold."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        return f"a lone UTF-16 surrogate ({text[error.start]!r}) at character {error.start}; send valid Unicode text"
+    return None
 
 
 def message_text(content: Any) -> str:

@@ -9,13 +9,13 @@ strings. Its hand-written HF chat template (chat_templates/<name>.jinja) renders
 import itertools
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cache
 from pathlib import Path
 
 import jinja2
 
-from medicalgpt.errors import UsageError
+from medicalgpt.errors import DataError, UsageError
 
 IGNORE_INDEX = -100
 CHAT_TEMPLATE_DIR = Path(__file__).parent / "chat_templates"
@@ -56,6 +56,47 @@ def _read_jinja(name: str) -> str:
     return (CHAT_TEMPLATE_DIR / f"{name}.jinja").read_text(encoding="utf-8")
 
 
+# Special-token strings in message content stand in as these code points (Supplementary Private Use Area-B)
+# while the conversation is rendered, and become plain text again when it is tokenised.
+_PLACEHOLDER_BASE = 0x100000
+
+
+def _special_tokens(tokenizer) -> tuple[list[str], re.Pattern]:
+    """The tokenizer's special-token strings and a pattern finding them (the longest first; never matches if none)."""
+    specials = [token.content for token in tokenizer.added_tokens_decoder.values() if token.special]
+    return specials, re.compile("|".join(map(re.escape, sorted(specials, key=len, reverse=True))) or "(?!)")
+
+
+def _escape_content(tokenizer, messages: list[dict]) -> list[dict]:
+    """The messages with each special-token string in their content replaced by its placeholder."""
+    specials, pattern = _special_tokens(tokenizer)
+    placeholder = {special: chr(_PLACEHOLDER_BASE + i) for i, special in enumerate(specials)}
+    return [{**m, "content": pattern.sub(lambda match: placeholder[match.group()], m["content"])}
+            if isinstance(m.get("content"), str) else m for m in messages]
+
+
+def holds_special_tokens(tokenizer, messages: list[dict]) -> bool:
+    """Whether a message's content holds a special-token string of the tokenizer."""
+    return _escape_content(tokenizer, messages) != messages
+
+
+def encode_rendered(tokenizer, text: str) -> list[int]:
+    """Ids of rendered text whose special-token strings are control tokens while placeholders (escaped content)
+    become the plain text they stand for. Without placeholders this equals tokenizer.encode(text), which also
+    tokenises the text between special tokens separately."""
+    specials, pattern = _special_tokens(tokenizer)
+    plain = {_PLACEHOLDER_BASE + i: special for i, special in enumerate(specials)}
+    ids, start = [], 0
+    for match in [*pattern.finditer(text), None]:
+        between = text[start: match.start() if match else len(text)].translate(plain)
+        if between:
+            ids += tokenizer.encode(between, add_special_tokens=False, split_special_tokens=True)
+        if match:
+            ids.append(tokenizer.convert_tokens_to_ids(match.group()))
+            start = match.end()
+    return ids
+
+
 def _labelled(ids: list[int], trained: bool) -> list[int]:
     """ids as labels when trained, else IGNORE_INDEX for each."""
     return list(ids) if trained else [IGNORE_INDEX] * len(ids)
@@ -78,6 +119,8 @@ class Template:
     default_system: str | None = None
     merge_system: bool = False  # system text goes into the first user turn (llama2, mistral)
     stop_words: tuple[str, ...] = ()
+    # False: special-token strings in message content are plain text, so a message cannot forge a turn.
+    allow_special_tokens: bool = False
 
     @property
     def jinja(self) -> str:
@@ -90,8 +133,8 @@ class Template:
         """input_ids and labels (-100 on tokens that carry no loss)."""
         ids, labels = [], []
         # Adjacent segments with the same label are joined first, so only train/no-train edges split the text.
-        for trained, group in itertools.groupby(self._segments(messages, tools), key=lambda s: s[1]):
-            segment_ids = tokenizer.encode("".join(text for text, _ in group), add_special_tokens=False)
+        for trained, group in itertools.groupby(self._segments(tokenizer, messages, tools), key=lambda s: s[1]):
+            segment_ids = encode_rendered(tokenizer, "".join(text for text, _ in group))
             ids += segment_ids
             labels += _labelled(segment_ids, trained or train_on_inputs)
         return ids, labels
@@ -100,8 +143,8 @@ class Template:
         """ids of a conversation ending in a user/observation turn plus the assistant generation prompt."""
         if messages[-1]["role"] not in USER_SIDE:
             raise UsageError(f"a prompt must end in a user or observation turn, not {messages[-1]['role']!r}")
-        text = "".join(text for text, _ in self._segments(messages, tools)) + self.assistant_prefix
-        return tokenizer.encode(text, add_special_tokens=False)
+        text = "".join(text for text, _ in self._segments(tokenizer, messages, tools)) + self.assistant_prefix
+        return encode_rendered(tokenizer, text)
 
     def _system_text(self, messages: list[dict], tools: list[dict] | None) -> str | None:
         """The system prompt (given or default) with the tool descriptions appended; None when there is none."""
@@ -111,8 +154,10 @@ class Template:
             system = f"{system}\n\n{tool_text}" if system else tool_text
         return system
 
-    def _segments(self, messages: list[dict], tools: list[dict] | None) -> list[tuple[str, bool]]:
+    def _segments(self, tokenizer, messages: list[dict], tools: list[dict] | None) -> list[tuple[str, bool]]:
         """(text, trained) pieces of the rendered conversation, in order."""
+        if not self.allow_special_tokens:
+            messages = _escape_content(tokenizer, messages)
         system = self._system_text(messages, tools)
         segments = [(self.prefix, False)]
         if system is not None and not self.merge_system:
@@ -142,11 +187,20 @@ class TokenizerChatTemplate:
     jinja: str
     stop_words: tuple[str, ...] = ()
     name: str = "tokenizer"
+    allow_special_tokens: bool = False  # as in Template
 
     def encode(
         self, tokenizer, messages: list[dict], tools: list[dict] | None = None, train_on_inputs: bool = False
     ) -> tuple[list[int], list[int]]:
-        """input_ids and labels (-100 on tokens outside the generation markers)."""
+        """input_ids and labels (-100 on tokens outside the generation markers).
+
+        transformers derives the mask from its own tokenisation of the whole text, so content holding a special
+        token cannot be kept plain here: such a conversation is refused unless allow_special_tokens.
+        """
+        if not self.allow_special_tokens and holds_special_tokens(tokenizer, messages):
+            raise DataError("a message holds a special-token string, which this tokenizer's own chat template would "
+                            "make a control token: use a built-in --template_name (it keeps them plain text) or pass "
+                            "--allow_special_tokens_in_content")
         out = tokenizer.apply_chat_template(
             messages, tools=tools, chat_template=self.jinja, tokenize=True, return_dict=True,
             return_assistant_tokens_mask=True,
@@ -157,11 +211,13 @@ class TokenizerChatTemplate:
 
     def encode_prompt(self, tokenizer, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
         """ids of a conversation ending in a user/observation turn plus the assistant generation prompt."""
-        out = tokenizer.apply_chat_template(
-            messages, tools=tools, chat_template=self.jinja, add_generation_prompt=True, tokenize=True,
-            return_dict=True,
-        )
-        return list(out["input_ids"])
+        if self.allow_special_tokens:
+            return list(tokenizer.apply_chat_template(
+                messages, tools=tools, chat_template=self.jinja, add_generation_prompt=True, tokenize=True,
+                return_dict=True)["input_ids"])
+        text = tokenizer.apply_chat_template(_escape_content(tokenizer, messages), tools=tools,
+                                             chat_template=self.jinja, add_generation_prompt=True, tokenize=False)
+        return encode_rendered(tokenizer, text)
 
 
 _CHATML = dict(
@@ -270,8 +326,18 @@ def _render_probes(tokenizer, chat_template: str) -> list[str | None]:
     return rendered
 
 
-def resolve_template(tokenizer, template_name: str | None) -> Template | TokenizerChatTemplate:
-    """The named built-in, else the built-in rendering like the tokenizer's template, else that template itself."""
+def resolve_template(tokenizer, template_name: str | None,
+                     allow_special_tokens: bool = False) -> Template | TokenizerChatTemplate:
+    """The named built-in, else the built-in rendering like the tokenizer's template, else that template itself.
+
+    allow_special_tokens: special-token strings in message content become control tokens (trusted training data
+    that means them); by default they are plain text.
+    """
+    template = _resolve_template(tokenizer, template_name)
+    return replace(template, allow_special_tokens=True) if allow_special_tokens else template
+
+
+def _resolve_template(tokenizer, template_name: str | None) -> Template | TokenizerChatTemplate:
     if template_name:
         return get_template(template_name)
     own = tokenizer.chat_template

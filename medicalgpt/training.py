@@ -175,7 +175,8 @@ class StopOnSignal(TrainerCallback):
     """SIGINT (Ctrl-C) or SIGTERM: finish the current optimizer step, save a checkpoint and stop.
 
     Use as a context manager around the training loop (main thread only: Python delivers signals there). The first
-    signal only sets a flag; a second one acts as before (Ctrl-C twice aborts at once).
+    signal only sets a flag; a second one acts as before (Ctrl-C twice aborts at once). A signal the process
+    inherited as ignored (nohup, a shell's background job) stays ignored.
     """
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -187,7 +188,8 @@ class StopOnSignal(TrainerCallback):
 
     def __enter__(self) -> "StopOnSignal":
         if threading.current_thread() is threading.main_thread():
-            self._previous = {signum: signal.signal(signum, self._handle) for signum in self.SIGNALS}
+            self._previous = {signum: signal.signal(signum, self._handle) for signum in self.SIGNALS
+                              if signal.getsignal(signum) is not signal.SIG_IGN}
         return self
 
     def __exit__(self, *exc) -> None:
@@ -283,7 +285,7 @@ def load_chat_inputs(model_args, data_args, training_args, convert) -> tuple:
     """
     records = load_splits(data_args, convert, training_args.seed)
     tokenizer = load_tokenizer(model_args)
-    template = resolve_template(tokenizer, data_args.template_name)
+    template = resolve_template(tokenizer, data_args.template_name, data_args.allow_special_tokens_in_content)
     tokenizer.chat_template = template.jinja
     return records, tokenizer, template
 

@@ -6,6 +6,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
+import signal  # noqa: E402
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
@@ -25,3 +27,12 @@ def tokenizer(tiny_model_dir):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+@pytest.fixture
+def sigint_handled():
+    """SIGINT handled as in a foreground shell (Ctrl-C raises KeyboardInterrupt), whatever this process inherited: a
+    shell's background job starts Python with SIGINT ignored. The inherited handler is put back afterwards."""
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, inherited)

@@ -108,7 +108,7 @@ def test_sft_sigterm_saves_a_checkpoint_and_exits_143(tiny_model_dir, straight_s
     assert_same_run(tmp_path, straight_sft)
 
 
-def test_sft_ctrl_c_saves_at_the_next_step(tiny_model_dir, straight_sft, tmp_path, monkeypatch):
+def test_sft_ctrl_c_saves_at_the_next_step(tiny_model_dir, straight_sft, tmp_path, monkeypatch, sigint_handled):
     plot = training.write_loss_plot
 
     def ctrl_c_after_checkpoint_2(args, state):  # runs on each save, in the training process
@@ -122,10 +122,22 @@ def test_sft_ctrl_c_saves_at_the_next_step(tiny_model_dir, straight_sft, tmp_pat
         supervised_finetuning.main(argv)
     assert exit_info.value.code == 128 + signal.SIGINT
     assert training.last_complete_checkpoint(str(tmp_path)).endswith("checkpoint-3")
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored to the handler before the run
     monkeypatch.undo()
     supervised_finetuning.main([*argv, "--resume_from_checkpoint", "auto"])
     assert_same_run(tmp_path, straight_sft)
+
+
+def test_an_inherited_ignored_sigint_stays_ignored():
+    """A run started with SIGINT ignored (nohup, a shell's background job) must not start reacting to Ctrl-C."""
+    inherited = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with training.StopOnSignal():
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+            assert signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL  # SIGTERM still saves and stops
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, inherited)
 
 
 def test_dpo_killed_with_sigkill_resumes_exactly(tiny_model_dir, tmp_path):
