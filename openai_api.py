@@ -1,6 +1,6 @@
 """An OpenAI-compatible chat API for a trained model: GET /v1/models and POST /v1/chat/completions.
 
-    python openai_api.py --base_model outputs-merged --port 8000 --api_key sk-local
+    MEDICALGPT_API_KEY=sk-local python openai_api.py --base_model outputs-merged --port 8000
     python openai_api.py --base_model Qwen/Qwen2.5-0.5B-Instruct --lora_model outputs-sft
     curl http://127.0.0.1:8000/v1/chat/completions -H "Authorization: Bearer sk-local" \
         -H "Content-Type: application/json" \
@@ -18,6 +18,7 @@ import sys
 import threading
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import anyio
 import torch
@@ -62,10 +63,12 @@ DEFAULT_MAX_REQUEST_BYTES = 4 * 1024 * 1024  # far more text than any context ho
 @dataclass
 class ApiArguments:
     host: str = field(default="127.0.0.1", metadata={
-        "help": "Interface to listen on; 0.0.0.0 exposes the server to the network (set --api_key then)."})
+        "help": "Interface to listen on; 0.0.0.0 exposes the server to the network (set an API key then)."})
     port: int = field(default=8000, metadata={"help": "TCP port."})
-    api_key: str | None = field(default=None, metadata={
-        "help": "Require `Authorization: Bearer <key>`. Default: $MEDICALGPT_API_KEY; neither = no key needed."})
+    api_key_file: str | None = field(default=None, metadata={
+        "help": "A file whose first line is the key every request must send as `Authorization: Bearer <key>`. "
+                "Default: $MEDICALGPT_API_KEY; neither = no key needed. (No flag takes the key itself: `ps` shows "
+                "command lines.)"})
     model_name: str = field(default="medicalgpt", metadata={"help": "The model id clients ask for."})
     max_model_len: int | None = field(default=None, metadata={
         "help": "Most tokens a request may use, prompt + completion; longer ones get a 400. Default: the model's "
@@ -353,9 +356,19 @@ def vllm_command(model_args: ModelArguments, serve_args: ServeArguments, api_arg
     return cmd + ["--served-model-name", api_args.model_name]
 
 
+def read_api_key(path: str) -> str:
+    try:
+        key = next(iter(Path(path).read_text(encoding="utf-8").splitlines()), "").strip()
+    except OSError as error:
+        raise UsageError(f"--api_key_file {path}: {error.strerror}") from None
+    if not key:
+        raise UsageError(f"--api_key_file {path}: the first line is empty; put the key there")
+    return key
+
+
 def main(argv: list[str] | None = None) -> None:
     model_args, serve_args, api_args = parse_args((BaseModelArguments, ServeArguments, ApiArguments), argv)
-    api_key = api_args.api_key or os.environ.get("MEDICALGPT_API_KEY") or None
+    api_key = read_api_key(api_args.api_key_file) if api_args.api_key_file else os.environ.get("MEDICALGPT_API_KEY")
     if api_args.backend == "vllm":
         check_vllm()
         cmd = vllm_command(model_args, serve_args, api_args)

@@ -4,8 +4,9 @@ requests, each checked for well-formed server-sent events ending in [DONE] and f
 Prints latency and time-to-first-token percentiles and the tokens/s, and writes JSON (default
 benchmarks/results/serve_load.json).
 
-    python openai_api.py --base_model outputs-merged --api_key sk-local &
-    python -m benchmarks.serve_load --base_url http://127.0.0.1:8000/v1 --api_key sk-local --num_requests 64
+    export MEDICALGPT_API_KEY=sk-local       # the server and this client both read it; keys stay off command lines
+    python openai_api.py --base_model outputs-merged &
+    python -m benchmarks.serve_load --base_url http://127.0.0.1:8000/v1 --num_requests 64
 """
 
 import json
@@ -26,8 +27,6 @@ from medicalgpt.errors import run_cli
 @dataclass
 class LoadArguments:
     base_url: str = field(default="http://127.0.0.1:8000/v1", metadata={"help": "The server's /v1 URL."})
-    api_key: str | None = field(default=None, metadata={
-        "help": "Bearer key. Default: $MEDICALGPT_API_KEY, then $OPENAI_API_KEY."})
     model: str = field(default="medicalgpt", metadata={"help": "The model id to ask for."})
     questions_file: str = field(default="data/sft/validation", metadata={
         "help": "Prompts: the conversations of these data files (repeated, each copy made distinct, if too few)."})
@@ -129,7 +128,8 @@ def read_events(result: StreamResult, lines, start: float) -> None:
 
 def run_load(prompts: list[list[dict]], args: LoadArguments) -> tuple[list[StreamResult], float]:
     """Every prompt streamed, args.concurrency at a time; the results in prompt order and the wall time."""
-    api_key = args.api_key or os.environ.get("MEDICALGPT_API_KEY") or os.environ.get("OPENAI_API_KEY")
+    # The key comes from the environment only: `ps` shows command lines.
+    api_key = os.environ.get("MEDICALGPT_API_KEY") or os.environ.get("OPENAI_API_KEY")
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     limits = httpx.Limits(max_connections=args.concurrency, max_keepalive_connections=args.concurrency)
     with httpx.Client(base_url=args.base_url.rstrip("/") + "/", headers=headers, timeout=args.timeout,
@@ -171,8 +171,7 @@ def main(argv: list[str] | None = None) -> dict:
     summary = summarize(results, wall_s)
     print_table(summary)
     failures = [{"status": r.status, "problems": r.problems[:3]} for r in results if not r.ok]
-    settings = {**asdict(args), "api_key": None}  # never write the key to disk
-    output = {"settings": settings, **summary, "failures": failures[:10]}
+    output = {"settings": asdict(args), **summary, "failures": failures[:10]}
     Path(args.output_file).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output_file).write_text(json.dumps(output, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     return output

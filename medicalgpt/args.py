@@ -9,6 +9,7 @@ Unknown or abbreviated flags are errors, and so are unknown keys in a config fil
 (TrainingArguments.__post_init__) become one-line usage errors.
 """
 
+import difflib
 import json
 import sys
 from dataclasses import dataclass, field, fields, is_dataclass
@@ -131,6 +132,14 @@ def _config_file_defaults(path: str, parser: HfArgumentParser) -> dict[str, Any]
     return values
 
 
+def closest_flags(unknown: list[str], parser: HfArgumentParser) -> str:
+    """" (did you mean --x?)" for the unknown flags that are near a known one, else ""."""
+    known = [option for action in parser._actions for option in action.option_strings if option.startswith("--")]
+    hints = [f"{flag} -> {match[0]}" for flag in (arg.split("=")[0] for arg in unknown if arg.startswith("--"))
+             if (match := difflib.get_close_matches(flag, known, n=1, cutoff=0.75))]
+    return f" (did you mean {', '.join(hints)}?)" if hints else ""
+
+
 def parse_args(dataclass_types: tuple[type, ...], args: list[str] | None = None,
                defaults: dict[str, Any] | None = None) -> tuple:
     """Parse CLI flags (optionally after a leading config.json/.yaml) into the given dataclasses.
@@ -149,7 +158,7 @@ def parse_args(dataclass_types: tuple[type, ...], args: list[str] | None = None,
         parser.set_defaults(**_config_file_defaults(argv.pop(0), parser))
     namespace, remaining = parser.parse_known_args(argv)
     if remaining:
-        parser.error(f"unrecognized arguments: {' '.join(remaining)}")
+        parser.error(f"unrecognized arguments: {' '.join(remaining)}{closest_flags(remaining, parser)}")
     values = vars(namespace)
     check_deepspeed(values.get("deepspeed"))
     try:

@@ -5,16 +5,11 @@ duplicated), the reviewer, one-line endpoint errors, and the end-to-end path: ou
 
 import json
 import logging
-import os
-import subprocess
-import sys
 import threading
-import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-import httpx
 import pytest
 from test_serving import model_dir  # noqa: F401  (the fixture: a tiny model whose greedy answers differ by prompt)
 
@@ -23,7 +18,7 @@ import supervised_finetuning
 import validate_data
 from medicalgpt.errors import DataError, UsageError
 from medicalgpt.synthesis import content_id, knowledge_personas, read_personas
-from tests.ports import free_port
+from tests.ports import api_server, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 KEY = "sk-stub"
@@ -271,28 +266,8 @@ def test_wrong_key_url_or_flag_is_one_line_before_any_generation(stub, api_key, 
 @pytest.fixture(scope="module")
 def served(model_dir, tmp_path_factory) -> Iterator[str]:  # noqa: F811
     """openai_api.py serving the tiny model in its own process, with an API key; its /v1 URL."""
-    port, log = free_port(), tmp_path_factory.mktemp("server") / "server.log"
-    url = f"http://127.0.0.1:{port}/v1"
-    with log.open("w") as out:
-        process = subprocess.Popen([sys.executable, "openai_api.py", "--base_model", model_dir, "--api_key", KEY,
-                                    "--port", str(port)], cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
-                                   env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"})
-    try:
-        deadline = time.monotonic() + 90
-        while not up(url):
-            assert process.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
-            time.sleep(0.2)
+    with api_server(model_dir, KEY, tmp_path_factory.mktemp("server") / "server.log") as url:
         yield url
-    finally:
-        process.terminate()
-        process.wait(10)
-
-
-def up(url: str) -> bool:
-    try:
-        return httpx.get(f"{url}/models", headers={"Authorization": f"Bearer {KEY}"}, timeout=1).status_code == 200
-    except httpx.HTTPError:
-        return False
 
 
 def test_dialogues_from_our_server_validate_and_train(served, api_key, tmp_path, tiny_model_dir):

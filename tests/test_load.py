@@ -3,21 +3,15 @@ concurrent streams that must each be well-formed and carry their own answer, the
 OpenAI-shaped errors without hurting the server."""
 
 import json
-import os
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import pytest
 from test_serving import model_dir  # noqa: F401  (the fixture: a tiny model whose greedy answers differ by prompt)
 
 from benchmarks.serve_load import LoadArguments, distinct_prompts, print_table, run_load, summarize
-from tests.ports import free_port
+from tests.ports import api_server
 
-ROOT = Path(__file__).resolve().parents[1]
 KEY = "sk-load-test"
 MAX_TOKENS = 8
 HELLO = [{"role": "user", "content": "hi"}]
@@ -26,30 +20,8 @@ HELLO = [{"role": "user", "content": "hi"}]
 @pytest.fixture(scope="module")
 def server(model_dir, tmp_path_factory) -> Iterator[str]:  # noqa: F811
     """openai_api.py in a subprocess; its /v1 URL once it answers."""
-    port = free_port()
-    url = f"http://127.0.0.1:{port}/v1"
-    log = tmp_path_factory.mktemp("server") / "server.log"
-    with log.open("w") as out:
-        process = subprocess.Popen([sys.executable, "openai_api.py", "--base_model", model_dir, "--api_key", KEY,
-                                    "--port", str(port)],
-                                   cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"},
-                                   stdout=out, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 60
-        while not ready(url):
-            assert process.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
-            time.sleep(0.2)
+    with api_server(model_dir, KEY, tmp_path_factory.mktemp("server") / "server.log") as url:
         yield url
-    finally:
-        process.terminate()
-        process.wait(10)
-
-
-def ready(url: str) -> bool:
-    try:
-        return httpx.get(f"{url}/models", headers=auth(), timeout=1).status_code == 200
-    except httpx.HTTPError:
-        return False
 
 
 def auth(key: str = KEY) -> dict:
@@ -64,8 +36,10 @@ def chat(url: str, body: dict | bytes, headers: dict | None = None) -> httpx.Res
 
 def test_64_concurrent_streams_are_well_formed_and_each_carries_its_own_answer(server):
     prompts = distinct_prompts("data/sft/validation", 64)
-    args = LoadArguments(base_url=server, api_key=KEY, max_tokens=MAX_TOKENS, timeout=120)
-    results, wall_s = run_load(prompts, args)
+    args = LoadArguments(base_url=server, max_tokens=MAX_TOKENS, timeout=120)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MEDICALGPT_API_KEY", KEY)
+        results, wall_s = run_load(prompts, args)
     summary = summarize(results, wall_s)
     print_table(summary)  # shown with pytest -s
     assert [r.problems for r in results if not r.ok] == []  # 200, data lines + blank lines, one id, [DONE]

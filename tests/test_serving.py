@@ -301,6 +301,24 @@ def test_main_wires_flags_env_key_and_model_name(model_dir, monkeypatch):
         assert http.post("/v1/chat/completions", json={"model": "doc", "messages": user("x" * 100)}).status_code == 413
 
 
+def test_the_key_comes_from_a_file_never_from_a_flag(model_dir, monkeypatch, tmp_path, capsys):
+    served = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, host, port: served.update(app=app))
+    monkeypatch.setenv("MEDICALGPT_API_KEY", "sk-env")
+    key_file = tmp_path / "key"
+    key_file.write_text("sk-file\n")
+    openai_api.main(["--base_model", model_dir, "--api_key_file", str(key_file)])  # the file wins over the variable
+    with openai_client(served["app"], api_key="sk-file") as client:
+        assert client.models.list().data
+    key_file.write_text("\n")
+    with pytest.raises(UsageError, match="--api_key_file .*: the first line is empty"):
+        openai_api.main(["--base_model", model_dir, "--api_key_file", str(key_file)])
+    with pytest.raises(SystemExit):
+        openai_api.main(["--base_model", model_dir, "--api_key", "sk-visible-in-ps"])
+    assert "unrecognized arguments: --api_key sk-visible-in-ps (did you mean --api_key -> --api_key_file?)" in \
+        capsys.readouterr().err
+
+
 def test_vllm_backend_without_a_gpu_stops_with_the_alternatives(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a CPU machine, even on a GPU one
     with pytest.raises(UsageError, match=r"needs .*a CUDA GPU: use --backend transformers, or run vllm_deployment.sh"):

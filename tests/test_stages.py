@@ -42,7 +42,7 @@ def test_unknown_or_abbreviated_flag_is_an_error(capsys):
         with pytest.raises(SystemExit) as exit_info:
             supervised_finetuning.main(argv)
         assert exit_info.value.code == 2
-    assert "unrecognized arguments: --lora_r 4" in capsys.readouterr().err
+    assert "unrecognized arguments: --lora_r 4 (did you mean --lora_r -> --lora_rank?)" in capsys.readouterr().err
 
 
 def test_config_file_with_cli_override(tmp_path, capsys):
