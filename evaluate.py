@@ -125,8 +125,7 @@ def answer_accuracy(model, tokenizer, template, args: EvalArguments) -> float:
 
 
 def preference_metrics(model, model_args, tokenizer, template, args: EvalArguments) -> dict:
-    pairs = build_preference_splits(_splits(args.preference_file, to_preference), tokenizer, template,
-                                    max_source_length=10**6, max_target_length=10**6)["train"]
+    pairs = build_preference_splits(_splits(args.preference_file, to_preference), tokenizer, template)["train"]
     if args.reward_model:
         reward_model = load_reward_model(args.reward_model, model_args)
         return {f"rm_{k}": v for k, v in reward_model_accuracy(reward_model, pairs, tokenizer.pad_token_id).items()}

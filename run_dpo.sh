@@ -16,8 +16,8 @@ EPOCHS=${EPOCHS:-1}
 LR=${LR:-5e-5}
 BATCH=${BATCH:-4}
 GRAD_ACCUM=${GRAD_ACCUM:-1}
-MAX_SOURCE_LENGTH=${MAX_SOURCE_LENGTH:-1024}
-MAX_TARGET_LENGTH=${MAX_TARGET_LENGTH:-512}
+MAX_LENGTH=${MAX_LENGTH:-1024}             # prompt + answer tokens; longer pairs are cut, prompt first
+LONG_PAIRS=${LONG_PAIRS:-truncate}         # truncate or drop pairs over MAX_LENGTH
 BETA=${BETA:-0.1}
 LOSS_TYPE=${LOSS_TYPE:-sigmoid}            # sigmoid, ipo, hinge, robust, ... (see: python dpo_training.py --help)
 
@@ -25,7 +25,7 @@ python dpo_training.py \
     ${MODEL:+--model_name_or_path "$MODEL"} ${TEMPLATE:+--template_name "$TEMPLATE"} \
     --train_file_dir "$TRAIN" --validation_file_dir "$VALID" --output_dir "$OUTPUT" \
     --use_peft "$USE_PEFT" --lora_rank "$LORA_RANK" --lora_alpha $((LORA_RANK * 2)) --target_modules all \
-    --max_source_length "$MAX_SOURCE_LENGTH" --max_target_length "$MAX_TARGET_LENGTH" \
+    --max_length "$MAX_LENGTH" --long_pairs "$LONG_PAIRS" \
     --num_train_epochs "$EPOCHS" --learning_rate "$LR" --warmup_steps 10 --lr_scheduler_type cosine \
     --per_device_train_batch_size "$BATCH" --per_device_eval_batch_size "$BATCH" \
     --gradient_accumulation_steps "$GRAD_ACCUM" \

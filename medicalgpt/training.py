@@ -18,7 +18,7 @@ import transformers
 from transformers import Trainer, TrainerCallback, set_seed
 from transformers.trainer_utils import sort_checkpoints
 
-from medicalgpt.data import build_preference_splits, load_splits, to_preference
+from medicalgpt.data import LengthLimits, build_preference_splits, load_splits, to_preference
 from medicalgpt.errors import UsageError
 from medicalgpt.modeling import apply_lora, load_model, load_tokenizer, set_stop_tokens
 from medicalgpt.plotting import plot_loss
@@ -288,12 +288,18 @@ def load_chat_inputs(model_args, data_args, training_args, convert) -> tuple:
     return records, tokenizer, template
 
 
+def preference_limits(data_args, max_length: int | None) -> LengthLimits:
+    """The token caps a preference stage fits its rows to (max_length: the trainer's --max_length)."""
+    return LengthLimits(max_length, data_args.max_source_length, data_args.max_target_length,
+                        drop=data_args.long_pairs == "drop")
+
+
 def load_preference_inputs(model_args, lora_args, data_args, training_args, convert=to_preference,
                            build=build_preference_splits, model_class=None, task_type: str = "CAUSAL_LM") -> tuple:
     """Model (with LoRA), tokenizer and tokenised splits of a preference stage (RM, DPO, ORPO, CPO, KTO)."""
     records, tokenizer, template = load_chat_inputs(model_args, data_args, training_args, convert)
     with training_args.main_process_first(desc="dataset preparation"):
-        splits = build(records, tokenizer, template, data_args.max_source_length, data_args.max_target_length,
+        splits = build(records, tokenizer, template, preference_limits(data_args, training_args.max_length),
                        data_args.preprocessing_num_workers)
     base = load_model(model_args, model_class, num_labels=1) if model_class else load_model(model_args)
     model = apply_lora(base, lora_args, training_args, task_type=task_type)
