@@ -98,7 +98,8 @@ def checked_mcq(record: object) -> dict:
 def mcq_records(path: str) -> list[dict]:
     """Multiple-choice records as they are (options stay a mapping of letter to text)."""
     return [record for file in find_data_files(path)
-            for record in convert_records(iter_records(file), checked_mcq, LoadReport(), skip_bad_records=False)]
+            for record in convert_records(iter_records(file), checked_mcq, LoadReport(), skip_bad_records=False,
+                                            skip_flag=None)]
 
 
 def mcq_generate_accuracy(model, tokenizer, template, records: list[dict], args: EvalArguments) -> float:

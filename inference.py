@@ -88,7 +88,8 @@ def _request(record: object) -> dict:
 def read_requests(data_file: str) -> list[dict]:
     """Every prompt of the data files, in order; a malformed record stops with its file and line."""
     requests = [request for path in find_data_files(data_file)
-                for request in convert_records(iter_records(path), _request, LoadReport(), skip_bad_records=False)]
+                for request in convert_records(iter_records(path), _request, LoadReport(), skip_bad_records=False,
+                                                skip_flag=None)]
     if not requests:
         raise UsageError(f"--data_file {data_file}: no prompts in it")
     return requests
