@@ -11,6 +11,8 @@ reference once before training.
 
 from dataclasses import dataclass, field
 
+import medicalgpt.quiet  # noqa: F401  (before the libraries: it filters what they print on import)
+
 from trl import DPOConfig
 
 from medicalgpt.args import LoraArguments, ModelArguments, PreferenceDataArguments, parse_args

@@ -15,6 +15,8 @@ import importlib.util
 import logging
 from dataclasses import dataclass, field
 
+import medicalgpt.quiet  # noqa: F401  (before the libraries: it filters what they print on import)
+
 import torch
 from transformers import TrainerCallback
 from trl import GRPOConfig, GRPOTrainer

@@ -15,6 +15,8 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import medicalgpt.quiet  # noqa: F401  (before the libraries: it filters what they print on import)
+
 from transformers import set_seed
 
 from medicalgpt.args import parse_args

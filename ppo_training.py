@@ -20,6 +20,8 @@ import shutil
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import medicalgpt.quiet  # noqa: F401  (before the libraries: it filters what they print on import)
+
 import numpy as np
 import torch
 from safetensors.torch import load_file

@@ -8,6 +8,8 @@ with the adapter; merge it with merge_peft_adapter.py for PPO/GRPO.
         --validation_file_dir data/preference/validation --output_dir outputs-rm
 """
 
+import medicalgpt.quiet  # noqa: F401  (before the libraries: it filters what they print on import)
+
 from transformers import AutoModelForSequenceClassification
 from trl import RewardConfig, RewardTrainer
 

@@ -301,7 +301,7 @@ def load_preference_inputs(model_args, lora_args, data_args, training_args, conv
     with training_args.main_process_first(desc="dataset preparation"):
         splits = build(records, tokenizer, template, preference_limits(data_args, training_args.max_length),
                        data_args.preprocessing_num_workers)
-    base = load_model(model_args, model_class, num_labels=1) if model_class else load_model(model_args)
+    base = load_model(model_args, model_class, new_head=True, num_labels=1) if model_class else load_model(model_args)
     model = apply_lora(base, lora_args, training_args, task_type=task_type)
     if task_type == "CAUSAL_LM":
         set_stop_tokens(model, tokenizer, template.stop_words)
