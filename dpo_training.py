@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     trainer = TokenizedDPOTrainer(model=model, ref_model=ref_model, args=training_args, processing_class=tokenizer,
                                   train_dataset=splits["train"], eval_dataset=splits.get("validation"))
-    return train_and_save(trainer, resume)
+    return train_and_save(trainer, resume, plotted=("loss", "rewards/margins"))
 
 
 if __name__ == "__main__":

@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> dict:
     trainer = GRPOTrainer(model=model, reward_funcs=reward_funcs, args=training_args, processing_class=tokenizer,
                           reward_processing_classes=reward_tokenizers, train_dataset=splits["train"],
                           eval_dataset=splits.get("validation"), callbacks=[ZeroVarianceWarning()])
-    return train_and_save(trainer, resume)
+    return train_and_save(trainer, resume, plotted=("reward", "loss"))
 
 
 if __name__ == "__main__":

@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     trainer = RewardTrainer(model=model, args=training_args, processing_class=tokenizer,
                             train_dataset=splits["train"], eval_dataset=splits.get("validation"))
-    return train_and_save(trainer, resume)
+    return train_and_save(trainer, resume, plotted=("loss", "accuracy"))
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from transformers.trainer_utils import sort_checkpoints
 from medicalgpt.data import LengthLimits, build_preference_splits, load_splits, to_preference
 from medicalgpt.errors import UsageError
 from medicalgpt.modeling import apply_lora, load_model, load_tokenizer, set_stop_tokens
-from medicalgpt.plotting import plot_loss
+from medicalgpt.plotting import plot_metrics
 from medicalgpt.templates import resolve_template
 
 logger = logging.getLogger("medicalgpt")
@@ -158,17 +158,20 @@ def prepare_run(training_args) -> str | None:
     return resume
 
 
-def write_loss_plot(args, state) -> None:
-    """loss.png in output_dir, from the trainer's log history (main process only)."""
+def write_loss_plot(args, state, metrics: tuple[str, ...] = ("loss",)) -> None:
+    """loss.png in output_dir: the stage's metrics from the trainer's log history (main process only)."""
     if state.is_world_process_zero:
-        plot_loss(state.log_history, Path(args.output_dir) / "loss.png", title=Path(args.output_dir).name)
+        plot_metrics(state.log_history, Path(args.output_dir) / "loss.png", metrics, title=Path(args.output_dir).name)
 
 
 class LossPlotCallback(TrainerCallback):
-    """Refreshes loss.png at every checkpoint, so a long run's curve can be watched."""
+    """Refreshes loss.png at every checkpoint, so a long run's curves can be watched."""
+
+    def __init__(self, metrics: tuple[str, ...]):
+        self.metrics = metrics
 
     def on_save(self, args, state, control, **kwargs):
-        write_loss_plot(args, state)
+        write_loss_plot(args, state, self.metrics)
 
 
 class StopOnSignal(TrainerCallback):
@@ -230,14 +233,16 @@ def with_perplexity(metrics: dict, prefix: str) -> dict:
     return metrics
 
 
-def train_and_save(trainer: Trainer, resume_from_checkpoint: str | None, report_perplexity: bool = False) -> dict:
+def train_and_save(trainer: Trainer, resume_from_checkpoint: str | None, report_perplexity: bool = False,
+                   plotted: tuple[str, ...] = ("loss",)) -> dict:
     """Train, save model/adapter + tokenizer, evaluate on validation, write metrics and loss.png.
 
     report_perplexity: the eval loss is a token-level NLL (PT, SFT), so exp(loss) is the perplexity.
+    plotted: the logged metrics loss.png shows, one panel each (training and eval_ values).
     SIGINT/SIGTERM save a checkpoint at the next step boundary and exit (see StopOnSignal).
     """
     stop = StopOnSignal()
-    trainer.add_callback(LossPlotCallback())
+    trainer.add_callback(LossPlotCallback(plotted))
     trainer.add_callback(stop)
     with stop:
         result = trainer.train(resume_from_checkpoint=resume_from_checkpoint)
@@ -255,7 +260,7 @@ def train_and_save(trainer: Trainer, resume_from_checkpoint: str | None, report_
         trainer.log_metrics("eval", eval_metrics)
         trainer.save_metrics("eval", eval_metrics)
         metrics.update(eval_metrics)
-    write_loss_plot(trainer.args, trainer.state)
+    write_loss_plot(trainer.args, trainer.state, plotted)
     return metrics
 
 

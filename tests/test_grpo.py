@@ -7,9 +7,11 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 import grpo_training
+from medicalgpt import training
 from medicalgpt.args import DataArguments
 from medicalgpt.data import DataError, load_splits, to_grpo
 from medicalgpt.errors import UsageError
+from medicalgpt.plotting import metric_series
 from medicalgpt.rewards import (
     THINK_ANSWER_PROMPT,
     answer_accuracy,
@@ -167,13 +169,18 @@ def test_full_finetuning_raises_a_learnable_reward(tiny_model_dir, tmp_path):
     assert len(rewards) == 30 and last > first + 0.3, rewards
 
 
-def test_rewards_that_never_differ_within_a_group_are_a_warning(tiny_model_dir, tmp_path, caplog):
+def test_rewards_that_never_differ_within_a_group_are_a_warning(tiny_model_dir, tmp_path, caplog, monkeypatch):
+    plotted = []
+    monkeypatch.setattr(training, "plot_metrics", lambda history, path, metrics, title: plotted.append(
+        metric_series(history, metrics)))
     grpo_training.main(["--model_name_or_path", tiny_model_dir, "--output_dir", str(tmp_path), *GRPO_DATA, *FAST,
                         "--validation_split_percentage", "0", "--reward_funcs", f"{__name__}:always_one",
                         "--max_steps", "2"])
     warnings = [r.getMessage() for r in caplog.records if "same reward for every completion" in r.getMessage()]
     assert len(warnings) == 1 and warnings[0].startswith("100% of the groups")
     assert "always_one 1.00" in warnings[0] and "--num_generations" in warnings[0]
+    # loss.png shows the reward (here constant, with a zero loss) by its name, above the loss
+    assert list(plotted[-1]) == ["reward", "loss"] and [r for _, r in plotted[-1]["reward"]["train"]] == [1.0, 1.0]
 
 
 def test_the_final_evaluation_is_capped(tiny_model_dir, tmp_path, monkeypatch):
