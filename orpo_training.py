@@ -1,12 +1,13 @@
 """Odds Ratio Preference Optimization (ORPO): SFT and preference alignment in one loss, no reference model.
 
 loss = NLL(chosen) - λ · log σ(log odds(chosen) - log odds(rejected)), with odds(y) = p(y) / (1 - p(y))
-import medicalgpt.quiet  # noqa: F401  (before the libraries: it filters what they print on import)
 from the length-normalised answer probability; λ is --beta. TRL's ORPOTrainer (trl.experimental).
 
     python orpo_training.py --model_name_or_path outputs-sft-merged --train_file_dir data/preference/train \
         --validation_file_dir data/preference/validation --output_dir outputs-orpo --beta 0.1
 """
+
+import medicalgpt.quiet  # noqa: F401  (before the libraries: it filters what they print on import)
 
 from trl.experimental.orpo import ORPOConfig
 

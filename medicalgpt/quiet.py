@@ -29,3 +29,5 @@ logging.getLogger("kernels._internals.hf_hub").addFilter(
     DropMessages("Skipping publisher trust check for 'kernels-community/quantization-bitsandbytes'"))
 # transformers 5 deprecated the property that peft (wrapping a model) and TRL (generating) still read.
 warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+# ORPO and CPO exist only in trl.experimental: using them is this toolkit's choice, not the user's news.
+warnings.filterwarnings("ignore", message="You are importing from 'trl.experimental'")

@@ -145,8 +145,9 @@ def fit_lengths(prompt: list[int], responses: list[list[int]], shorter_prompts: 
         shortened = candidate
         if len(candidate) <= budget:
             break
-    keep = int(min(source_cap, max(budget, min(len(shortened), total // 2))))
-    shortened = shortened[-keep:] if len(shortened) > keep else shortened
+    if len(shortened) > budget:  # the last user turn alone is too long: cut its start
+        keep = int(min(source_cap, max(budget, min(len(shortened), total // 2))))
+        shortened = shortened[len(shortened) - keep:]
     if limits.max_length:
         cut = [r[: limits.max_length - len(shortened)] for r in cut]
     return Fitted(shortened, cut, prompt_cut=shortened != prompt,
