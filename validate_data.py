@@ -96,6 +96,9 @@ STAGES: dict[str, tuple[Callable, Callable]] = {
     "cpo": (to_preference, measure_pair), "kto": (to_unpaired, measure_unpaired), "grpo": (to_grpo, measure_prompt),
 }
 PREFERENCE_STAGES = ("rm", "dpo", "orpo", "cpo", "kto")
+# The stages' own defaults (PT: --block_size; the preference stages: TRL's --max_length), so that a check without
+# --max_length predicts a training run without it.
+DEFAULT_MAX_LENGTH = {"pt": 512, "sft": 512, "grpo": 512} | dict.fromkeys(PREFERENCE_STAGES, 1024)
 
 
 class AllProblems(LoadReport):
@@ -158,13 +161,16 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--model_name_or_path", default=None, help="whose tokenizer counts tokens (default: the "
                         "embedded default model)")
     parser.add_argument("--template_name", default=None, help="chat template (default: the tokenizer's own)")
-    parser.add_argument("--max_length", type=int, default=512, help="the training --max_length (PT: --block_size)")
+    parser.add_argument("--max_length", type=int, default=None, help="the training --max_length (PT: --block_size); "
+                        "default: the stage's default, 512 for pt/sft/grpo, 1024 for the preference stages")
     parser.add_argument("--max_source_length", type=int, default=None, help="preference stages: the training "
                         "--max_source_length")
     parser.add_argument("--max_target_length", type=int, default=None, help="preference stages: the training "
                         "--max_target_length")
     parser.add_argument("--max_problems", type=int, default=20, help="problems listed per file (all are counted)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    args.max_length = args.max_length or DEFAULT_MAX_LENGTH[args.stage]
+    return args
 
 
 def main(argv: list[str] | None = None) -> list[dict]:

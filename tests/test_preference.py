@@ -167,6 +167,23 @@ def test_validate_data_predicts_what_a_preference_stage_cuts_or_drops(tmp_path, 
     assert "--long_pairs drop drops 6 rows" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("stage", ["rm", "dpo", "orpo", "cpo", "kto"])
+def test_validate_data_checks_at_the_stages_default_max_length(stage, tiny_model_dir, monkeypatch):
+    module = {"rm": reward_modeling, "dpo": dpo_training, "orpo": orpo_training, "cpo": cpo_training,
+              "kto": kto_training}[stage]
+
+    class Parsed(Exception):
+        """Stops the stage once its arguments are parsed."""
+
+    def stop(training_args):
+        raise Parsed(training_args.max_length)
+
+    monkeypatch.setattr(module, "prepare_run", stop)
+    with pytest.raises(Parsed) as parsed:
+        module.main(["--model_name_or_path", tiny_model_dir, "--output_dir", "unused"])
+    assert validate_data.parse_arguments(["data", "--stage", stage]).max_length == parsed.value.args[0]
+
+
 # --- stages ---------------------------------------------------------------------------------------------------------
 
 def write_separable_pairs(directory, count: int) -> str:
