@@ -3,6 +3,8 @@
 # model), and push the policy towards the better ones of each group.
 # Edit the variables (or set them in the environment). The defaults suit a real model (LoRA) and also run as they
 # are on the embedded default model on CPU.  On a GPU:  MODEL=Qwen/Qwen2.5-0.5B-Instruct bash run_grpo.sh
+# The final evaluation samples NUM_GENERATIONS answers for each of the first 32 validation prompts; pass
+# --max_eval_samples N to evaluate more (or fewer), VALID= with --validation_split_percentage 0 for none.
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)        # the checkout; TRAIN, VALID, OUTPUT are relative to your directory
 
