@@ -8,6 +8,8 @@ unless --cpo_alpha > 0); the default sigmoid loss with --cpo_alpha 1 is CPO. TRL
         --output_dir outputs-simpo --loss_type simpo --cpo_alpha 0 --beta 2.0 --simpo_gamma 0.5
 """
 
+import medicalgpt.quiet  # noqa: F401  (before the libraries: it filters what they print on import)
+
 from trl.experimental.cpo import CPOConfig
 
 from medicalgpt.args import LoraArguments, ModelArguments, PreferenceDataArguments, parse_args

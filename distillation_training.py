@@ -13,6 +13,8 @@ tokenizer: otherwise use offline distillation (teacher answers from inference.py
 
 from dataclasses import dataclass, field
 
+import medicalgpt.quiet  # noqa: F401  (before the libraries: it filters what they print on import)
+
 from trl import DistillationConfig, DistillationTrainer
 
 from medicalgpt.args import ChatDataArguments, LoraArguments, ModelArguments, parse_args

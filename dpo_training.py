@@ -11,6 +11,8 @@ reference once before training.
 
 from dataclasses import dataclass, field
 
+import medicalgpt.quiet  # noqa: F401  (before the libraries: it filters what they print on import)
+
 from trl import DPOConfig
 
 from medicalgpt.args import LoraArguments, ModelArguments, PreferenceDataArguments, parse_args
@@ -41,7 +43,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     trainer = TokenizedDPOTrainer(model=model, ref_model=ref_model, args=training_args, processing_class=tokenizer,
                                   train_dataset=splits["train"], eval_dataset=splits.get("validation"))
-    return train_and_save(trainer, resume)
+    return train_and_save(trainer, resume, plotted=("loss", "rewards/margins"))
 
 
 if __name__ == "__main__":

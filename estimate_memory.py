@@ -9,8 +9,8 @@ model of that config for a few steps here (GPU: peak allocated CUDA memory; CPU:
 
 What is counted (bytes per parameter p, per token t; B = 2 for bfloat16/float16, 4 for float32):
 - weights: p·B; LoRA adds its adapters in float32; QLoRA stores the linear layers in 4 bits (+ nf4 block scales,
-  themselves 8-bit with double quantization) or 8 bits (+ a float32 scale per row) and keeps the rest in float32
-  (peft's prepare_model_for_kbit_training upcasts it).
+  themselves 8-bit with double quantization) or 8 bits (+ a float32 scale per row) and keeps the rest (embeddings,
+  output head, norms) in --dtype, as the stages do.
 - gradients: one per trainable parameter, in its dtype. optimizer: AdamW's two states in the parameter's dtype
   (adamw_8bit: 1 byte each); with DeepSpeed ZeRO and 16-bit weights, a float32 master copy and float32 states.
   ZeRO-1 shards the optimizer over --gpus, ZeRO-2 also the gradients, ZeRO-3 also the weights.
@@ -33,6 +33,7 @@ from types import SimpleNamespace
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from medicalgpt.architectures import ARCHITECTURES, shipped_architecture
 from medicalgpt.args import LoraArguments, ModelArguments, parse_args
 from medicalgpt.errors import UsageError, run_cli
 from medicalgpt.memory import PeakMemory
@@ -59,8 +60,10 @@ class MemoryArguments:
     gpus: int = field(default=1, metadata={"help": "GPUs that ZeRO shards over."})
     dtype: str = field(default="bfloat16", metadata={"help": "Weights and activations dtype.",
                                                      "choices": sorted(DTYPE_BYTES)})
-    lora_rank: int = field(default=8, metadata={"help": "LoRA rank (LoRA on every linear layer but the head)."})
-    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout (> 0 keeps a mask per LoRA input)."})
+    lora_rank: int = field(default=LoraArguments.lora_rank, metadata={
+        "help": "LoRA rank (LoRA on every linear layer but the head)."})
+    lora_dropout: float = field(default=LoraArguments.lora_dropout, metadata={
+        "help": "LoRA dropout (> 0 keeps a mask per LoRA input). Default: the stages' default."})
     optim: str = field(default="adamw", metadata={"help": "Optimizer.", "choices": ["adamw", "adamw_8bit"]})
     measure: bool = field(default=False, metadata={
         "help": "Also train a randomly initialised model of this config for --measure_steps steps here and "
@@ -69,16 +72,19 @@ class MemoryArguments:
 
 
 def load_config(spec: str):
-    """The text model's config from a config.json file, a model directory or a hub name."""
+    """The model's config from a config.json file, a model directory, the shipped architectures of common hub
+    models (medicalgpt/architectures.py: no download), or another hub name."""
     path = Path(spec)
-    if path.is_file():
-        values = json.loads(path.read_text())
+    values = json.loads(path.read_text()) if path.is_file() else None
+    if values is None and not path.is_dir():
+        values = shipped_architecture(spec)
+    if values is not None:
         return AutoConfig.for_model(values.pop("model_type"), **values)
     try:
         return AutoConfig.from_pretrained(spec)
     except OSError as error:  # not a directory, and not a hub model reachable (or cached) here
         raise UsageError(f"--model {spec}: no config found ({error.__class__.__name__}); pass a config.json, a model "
-                         "directory or a hub name") from None
+                         f"directory, a hub name reachable from here, or one of {', '.join(ARCHITECTURES)}") from None
 
 
 def model_shapes(config) -> dict:
@@ -106,8 +112,8 @@ def weights_and_trainable(args: MemoryArguments, shapes: dict, dtype_bytes: int)
         return shapes["params"] * dtype_bytes + lora * ADAPTER_BYTES, lora, ADAPTER_BYTES
     quantized = shapes["linear_weights"] * QUANTIZED_BYTES[args.method]
     scales = shapes["linear_rows"] * 4 if args.method == "qlora8" else 0
-    upcast = (shapes["params"] - shapes["linear_weights"]) * 4  # norms, embeddings, head: float32 for k-bit training
-    return quantized + scales + upcast + lora * ADAPTER_BYTES, lora, ADAPTER_BYTES
+    unquantized = (shapes["params"] - shapes["linear_weights"]) * dtype_bytes  # embeddings, head, norms: as loaded
+    return quantized + scales + unquantized + lora * ADAPTER_BYTES, lora, ADAPTER_BYTES
 
 
 def activations_per_token(args: MemoryArguments, text, shapes: dict, dtype_bytes: int, on_gpu: bool) -> float:
@@ -166,6 +172,9 @@ def print_estimate(args: MemoryArguments, result: dict) -> None:
     print("| component | GiB per GPU |\n|---|---|")
     for key in ("weights", "gradients", "optimizer_states", "activations", "peak"):
         print(f"| {key.replace('_', ' ')} | {result[key] / GIB:.3f} |")
+    print("Not counted: the CUDA context (+0.5-1 GiB) and allocator fragmentation. Published rules of thumb for 7B "
+          "models (QLoRA ~6 GB, LoRA 16-bit ~16 GB, full 16-bit 60+ GB) assume batch 1, ~512-token sequences, "
+          "gradient checkpointing, LoRA rank 8 and 16-bit AdamW states: compare with those settings.")
 
 
 def make_optimizer(args: MemoryArguments, model) -> torch.optim.Optimizer:

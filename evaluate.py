@@ -118,7 +118,8 @@ def checked_mcq(record: object) -> dict:
 def mcq_records(path: str) -> list[dict]:
     """Multiple-choice records as they are (options stay a mapping of letter to text)."""
     return [record for file in find_data_files(path)
-            for record in convert_records(iter_records(file), checked_mcq, LoadReport(), skip_bad_records=False)]
+            for record in convert_records(iter_records(file), checked_mcq, LoadReport(), skip_bad_records=False,
+                                            skip_flag=None)]
 
 
 def mcq_generate_accuracy(model, tokenizer, template, records: list[dict], args: EvalArguments) -> float:
@@ -145,8 +146,7 @@ def answer_accuracy(model, tokenizer, template, args: EvalArguments) -> float:
 
 
 def preference_metrics(model, model_args, tokenizer, template, args: EvalArguments) -> dict:
-    pairs = build_preference_splits(_splits(args.preference_file, to_preference), tokenizer, template,
-                                    max_source_length=10**6, max_target_length=10**6)["train"]
+    pairs = build_preference_splits(_splits(args.preference_file, to_preference), tokenizer, template)["train"]
     if args.reward_model:
         reward_model = load_reward_model(args.reward_model, model_args)
         return {f"rm_{k}": v for k, v in reward_model_accuracy(reward_model, pairs, tokenizer.pad_token_id).items()}

@@ -16,6 +16,8 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import medicalgpt.quiet  # noqa: F401  (before the libraries: it filters what they print on import)
+
 from transformers import set_seed
 
 from medicalgpt.args import parse_args
@@ -107,7 +109,8 @@ def _request(record: object) -> dict:
 def read_requests(data_file: str) -> list[dict]:
     """Every prompt of the data files, in order; a malformed record stops with its file and line."""
     requests = [request for path in find_data_files(data_file)
-                for request in convert_records(iter_records(path), _request, LoadReport(), skip_bad_records=False)]
+                for request in convert_records(iter_records(path), _request, LoadReport(), skip_bad_records=False,
+                                                skip_flag=None)]
     if not requests:
         raise UsageError(f"--data_file {data_file}: no prompts in it")
     return requests

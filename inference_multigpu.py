@@ -9,6 +9,8 @@ NCCL connects the processes on GPUs, gloo on CPU.
 
 import os
 
+import medicalgpt.quiet  # noqa: F401  (before the libraries: it filters what they print on import)
+
 import torch
 import torch.distributed as dist
 from transformers import set_seed

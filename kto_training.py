@@ -8,6 +8,8 @@ LoRA adapter disabled, or a frozen copy under full fine-tuning.
         --validation_file_dir data/preference/validation --output_dir outputs-kto
 """
 
+import medicalgpt.quiet  # noqa: F401  (before the libraries: it filters what they print on import)
+
 from trl import KTOConfig
 
 from medicalgpt.args import LoraArguments, ModelArguments, PreferenceDataArguments, parse_args

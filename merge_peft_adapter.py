@@ -43,8 +43,10 @@ def adapter_model_type(lora_model: str) -> str:
 
 def load_base(model_args: BaseModelArguments, model_type: str, pad_token_id: int) -> PreTrainedModel:
     if model_type == "seq_cls":
-        # The reward head scores each sequence's last non-pad token, so the config must know the pad id.
-        return load_model(model_args, AutoModelForSequenceClassification, num_labels=1, pad_token_id=pad_token_id)
+        # The reward head scores each sequence's last non-pad token, so the config must know the pad id; the
+        # adapter brings the head (modules_to_save), so the base lacking it is expected.
+        return load_model(model_args, AutoModelForSequenceClassification, new_head=True, num_labels=1,
+                          pad_token_id=pad_token_id)
     return load_model(model_args)
 
 

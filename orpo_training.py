@@ -7,6 +7,8 @@ from the length-normalised answer probability; λ is --beta. TRL's ORPOTrainer (
         --validation_file_dir data/preference/validation --output_dir outputs-orpo --beta 0.1
 """
 
+import medicalgpt.quiet  # noqa: F401  (before the libraries: it filters what they print on import)
+
 from trl.experimental.orpo import ORPOConfig
 
 from medicalgpt.args import LoraArguments, ModelArguments, PreferenceDataArguments, parse_args

@@ -20,6 +20,8 @@ import shutil
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import medicalgpt.quiet  # noqa: F401  (before the libraries: it filters what they print on import)
+
 import numpy as np
 import torch
 from safetensors.torch import load_file
@@ -38,7 +40,7 @@ from medicalgpt.modeling import (
     load_reward_model,
     set_stop_tokens,
 )
-from medicalgpt.plotting import plot_loss
+from medicalgpt.plotting import plot_metrics
 from medicalgpt.training import StopOnSignal, load_chat_inputs, resolve_resume_checkpoint, setup_logging
 
 logger = logging.getLogger("medicalgpt.ppo")
@@ -394,9 +396,8 @@ class RunLog:
         logger.info("step %d: %s", step, " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
 
     def plot(self) -> None:
-        curves = [{"step": h["step"], "loss": h["policy_loss"] + h["value_loss"], "eval_loss": -h["reward"]}
-                  for h in self.history]
-        plot_loss(curves, self.output_dir / "loss.png", title="PPO: loss (line) and -mean reward (dots)")
+        plot_metrics(self.history, self.output_dir / "loss.png", ("reward", "policy_loss", "value_loss", "kl"),
+                     title=self.output_dir.name)
 
 
 # --- the loop -------------------------------------------------------------------------------------------------------

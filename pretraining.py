@@ -7,6 +7,8 @@ perplexity is reported. LoRA by default; --use_peft False trains every weight.
         --output_dir outputs-pt --num_train_epochs 1
 """
 
+import medicalgpt.quiet  # noqa: F401  (before the libraries: it filters what they print on import)
+
 from transformers import Trainer, TrainingArguments
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 

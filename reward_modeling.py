@@ -8,6 +8,8 @@ with the adapter; merge it with merge_peft_adapter.py for PPO/GRPO.
         --validation_file_dir data/preference/validation --output_dir outputs-rm
 """
 
+import medicalgpt.quiet  # noqa: F401  (before the libraries: it filters what they print on import)
+
 from transformers import AutoModelForSequenceClassification
 from trl import RewardConfig, RewardTrainer
 
@@ -39,7 +41,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     trainer = RewardTrainer(model=model, args=training_args, processing_class=tokenizer,
                             train_dataset=splits["train"], eval_dataset=splits.get("validation"))
-    return train_and_save(trainer, resume)
+    return train_and_save(trainer, resume, plotted=("loss", "accuracy"))
 
 
 if __name__ == "__main__":

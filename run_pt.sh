@@ -4,11 +4,13 @@
 # On a GPU:  MODEL=Qwen/Qwen2.5-0.5B bash run_pt.sh --gradient_checkpointing
 # A randomly initialised model (the embedded default) needs full fine-tuning: USE_PEFT=False LR=2e-3.
 set -euo pipefail
-cd "$(dirname "$0")"
+HERE=$(cd "$(dirname "$0")" && pwd)        # the checkout; TRAIN, VALID, OUTPUT are relative to your directory
 
 MODEL=${MODEL:-}                           # hub name or local path; empty = embedded default model
-TRAIN=${TRAIN:-data/pretrain/train}
-VALID=${VALID:-data/pretrain/validation}
+# Default: the sample set and its validation split. With your own TRAIN, VALID is what you give: files, or
+# empty (the default) to hold out 1% of TRAIN (--validation_split_percentage).
+if [ -z "${TRAIN:-}" ]; then TRAIN=$HERE/data/pretrain/train; VALID=${VALID-$HERE/data/pretrain/validation}; fi
+VALID=${VALID:-}
 OUTPUT=${OUTPUT:-outputs-pt}
 USE_PEFT=${USE_PEFT:-True}                 # False = full fine-tuning
 LORA_RANK=${LORA_RANK:-8}
@@ -18,9 +20,9 @@ BATCH=${BATCH:-8}
 GRAD_ACCUM=${GRAD_ACCUM:-1}
 BLOCK_SIZE=${BLOCK_SIZE:-512}
 
-python pretraining.py \
+python "$HERE/pretraining.py" \
     ${MODEL:+--model_name_or_path "$MODEL"} \
-    --train_file_dir "$TRAIN" --validation_file_dir "$VALID" --output_dir "$OUTPUT" \
+    --train_file_dir "$TRAIN" ${VALID:+--validation_file_dir "$VALID"} --output_dir "$OUTPUT" \
     --use_peft "$USE_PEFT" --lora_rank "$LORA_RANK" --lora_alpha $((LORA_RANK * 2)) --target_modules all \
     --block_size "$BLOCK_SIZE" \
     --num_train_epochs "$EPOCHS" --learning_rate "$LR" --warmup_steps 20 --lr_scheduler_type cosine \

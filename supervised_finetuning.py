@@ -9,6 +9,8 @@ attend to each other (position ids restart per sample; works with sdpa on CPU an
         --output_dir outputs-sft --num_train_epochs 3
 """
 
+import medicalgpt.quiet  # noqa: F401  (before the libraries: it filters what they print on import)
+
 from trl import SFTConfig
 
 from medicalgpt.args import LoraArguments, ModelArguments, SFTDataArguments, parse_args

@@ -1,0 +1,1 @@
+import medicalgpt.quiet  # noqa: F401  (filters known library messages; see its docstring)

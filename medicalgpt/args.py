@@ -103,10 +103,15 @@ class SFTDataArguments(ChatDataArguments):
 
 @dataclass
 class PreferenceDataArguments(ChatDataArguments):
-    max_source_length: int = field(default=1024, metadata={
-        "help": "Drop examples whose prompt (with history and system prompt) is longer, in tokens."})
-    max_target_length: int = field(default=512, metadata={
-        "help": "Drop examples with an answer (chosen, rejected or completion) longer than this, in tokens."})
+    long_pairs: str = field(default="truncate", metadata={
+        "help": "A pair (KTO: a row) whose prompt + longest answer exceeds --max_length: truncate = cut the prompt "
+                "first (its oldest turns, then the start of its last user turn, down to half of --max_length), then "
+                "the answers at their end; drop = drop it.",
+        "choices": ["truncate", "drop"]})
+    max_source_length: int | None = field(default=None, metadata={
+        "help": "Also cap the prompt (with history and system prompt) at this many tokens, as --long_pairs says."})
+    max_target_length: int | None = field(default=None, metadata={
+        "help": "Also cap each answer (chosen, rejected or completion) at this many tokens, as --long_pairs says."})
 
 
 @dataclass

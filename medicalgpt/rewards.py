@@ -44,6 +44,7 @@ _UNIT = "|".join(sorted(map(re.escape, MASS_IN_MG), key=len, reverse=True))  # l
 AMOUNT = re.compile(rf"(\d+(?:,\d{{3}})*(?:\.\d+)?)\s*({_UNIT})(?![A-Za-z])(?!\s*/)")
 RELATIVE_TOLERANCE = 0.01
 LENGTH_TARGET = 1000
+DECIMAL_POINT = re.compile(r"(?<=\d)\.(?=\d)")
 
 
 def completion_text(completion: str | list[dict]) -> str:
@@ -108,9 +109,19 @@ def choice_accuracy(text: str, reference: str) -> float | None:
 
 
 def normalize_text(text: str) -> str:
-    """Case-folded, NFKC (full-width forms become ASCII), without whitespace or punctuation (Chinese included)."""
-    text = unicodedata.normalize("NFKC", text).casefold()
-    return "".join(ch for ch in text if not ch.isspace() and not unicodedata.category(ch).startswith("P"))
+    """Case-folded, NFKC (full-width forms become ASCII), without whitespace or punctuation (Chinese included);
+    a decimal point between digits stays, so "3.5" does not become "35"."""
+    text = DECIMAL_POINT.sub("\x00", unicodedata.normalize("NFKC", text).casefold())
+    kept = "".join(ch for ch in text if not ch.isspace() and not unicodedata.category(ch).startswith("P"))
+    return kept.replace("\x00", ".")
+
+
+def contains_whole(given: str, expected: str) -> bool:
+    """expected occurs in given, and where it starts or ends with a digit, not inside a longer number ("3" is not
+    in "13" or "3.5")."""
+    before = r"(?<![\d.])" if expected[0].isdigit() else ""
+    after = r"(?![\d]|\.\d)" if expected[-1].isdigit() else ""
+    return re.search(before + re.escape(expected) + after, given) is not None
 
 
 @per_sample
@@ -119,14 +130,15 @@ def answer_match(text: str, reference: str) -> float | None:
 
     Both sides are compared after `normalize_text` (case, whitespace and punctuation, full-width Chinese
     punctuation included, are ignored), so "X-ray of the affected joint." matches "x ray of the affected joint" and
-    "甲巯咪唑。" matches "甲巯咪唑". None when the reference has no letters or digits at all.
+    "甲巯咪唑。" matches "甲巯咪唑". Numbers match as whole numbers: a reference "3" is not contained in
+    "可能是4或者13" or "3.5". None when the reference has no letters or digits at all.
     """
     expected, given = normalize_text(reference), normalize_text(answer_part(text))
     if not expected:
         return None
     if given == expected:
         return 1.0
-    return 0.5 if expected in given else 0.0
+    return 0.5 if contains_whole(given, expected) else 0.0
 
 
 def amount_in_mg(text: str) -> float | None:

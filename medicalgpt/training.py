@@ -18,10 +18,10 @@ import transformers
 from transformers import Trainer, TrainerCallback, set_seed
 from transformers.trainer_utils import sort_checkpoints
 
-from medicalgpt.data import build_preference_splits, load_splits, to_preference
+from medicalgpt.data import LengthLimits, build_preference_splits, load_splits, to_preference
 from medicalgpt.errors import UsageError
 from medicalgpt.modeling import apply_lora, load_model, load_tokenizer, set_stop_tokens
-from medicalgpt.plotting import plot_loss
+from medicalgpt.plotting import plot_metrics
 from medicalgpt.templates import resolve_template
 
 logger = logging.getLogger("medicalgpt")
@@ -158,17 +158,20 @@ def prepare_run(training_args) -> str | None:
     return resume
 
 
-def write_loss_plot(args, state) -> None:
-    """loss.png in output_dir, from the trainer's log history (main process only)."""
+def write_loss_plot(args, state, metrics: tuple[str, ...] = ("loss",)) -> None:
+    """loss.png in output_dir: the stage's metrics from the trainer's log history (main process only)."""
     if state.is_world_process_zero:
-        plot_loss(state.log_history, Path(args.output_dir) / "loss.png", title=Path(args.output_dir).name)
+        plot_metrics(state.log_history, Path(args.output_dir) / "loss.png", metrics, title=Path(args.output_dir).name)
 
 
 class LossPlotCallback(TrainerCallback):
-    """Refreshes loss.png at every checkpoint, so a long run's curve can be watched."""
+    """Refreshes loss.png at every checkpoint, so a long run's curves can be watched."""
+
+    def __init__(self, metrics: tuple[str, ...]):
+        self.metrics = metrics
 
     def on_save(self, args, state, control, **kwargs):
-        write_loss_plot(args, state)
+        write_loss_plot(args, state, self.metrics)
 
 
 class StopOnSignal(TrainerCallback):
@@ -232,14 +235,16 @@ def with_perplexity(metrics: dict, prefix: str) -> dict:
     return metrics
 
 
-def train_and_save(trainer: Trainer, resume_from_checkpoint: str | None, report_perplexity: bool = False) -> dict:
+def train_and_save(trainer: Trainer, resume_from_checkpoint: str | None, report_perplexity: bool = False,
+                   plotted: tuple[str, ...] = ("loss",)) -> dict:
     """Train, save model/adapter + tokenizer, evaluate on validation, write metrics and loss.png.
 
     report_perplexity: the eval loss is a token-level NLL (PT, SFT), so exp(loss) is the perplexity.
+    plotted: the logged metrics loss.png shows, one panel each (training and eval_ values).
     SIGINT/SIGTERM save a checkpoint at the next step boundary and exit (see StopOnSignal).
     """
     stop = StopOnSignal()
-    trainer.add_callback(LossPlotCallback())
+    trainer.add_callback(LossPlotCallback(plotted))
     trainer.add_callback(stop)
     with stop:
         result = trainer.train(resume_from_checkpoint=resume_from_checkpoint)
@@ -257,7 +262,7 @@ def train_and_save(trainer: Trainer, resume_from_checkpoint: str | None, report_
         trainer.log_metrics("eval", eval_metrics)
         trainer.save_metrics("eval", eval_metrics)
         metrics.update(eval_metrics)
-    write_loss_plot(trainer.args, trainer.state)
+    write_loss_plot(trainer.args, trainer.state, plotted)
     return metrics
 
 
@@ -290,14 +295,20 @@ def load_chat_inputs(model_args, data_args, training_args, convert) -> tuple:
     return records, tokenizer, template
 
 
+def preference_limits(data_args, max_length: int | None) -> LengthLimits:
+    """The token caps a preference stage fits its rows to (max_length: the trainer's --max_length)."""
+    return LengthLimits(max_length, data_args.max_source_length, data_args.max_target_length,
+                        drop=data_args.long_pairs == "drop")
+
+
 def load_preference_inputs(model_args, lora_args, data_args, training_args, convert=to_preference,
                            build=build_preference_splits, model_class=None, task_type: str = "CAUSAL_LM") -> tuple:
     """Model (with LoRA), tokenizer and tokenised splits of a preference stage (RM, DPO, ORPO, CPO, KTO)."""
     records, tokenizer, template = load_chat_inputs(model_args, data_args, training_args, convert)
     with training_args.main_process_first(desc="dataset preparation"):
-        splits = build(records, tokenizer, template, data_args.max_source_length, data_args.max_target_length,
+        splits = build(records, tokenizer, template, preference_limits(data_args, training_args.max_length),
                        data_args.preprocessing_num_workers)
-    base = load_model(model_args, model_class, num_labels=1) if model_class else load_model(model_args)
+    base = load_model(model_args, model_class, new_head=True, num_labels=1) if model_class else load_model(model_args)
     model = apply_lora(base, lora_args, training_args, task_type=task_type)
     if task_type == "CAUSAL_LM":
         set_stop_tokens(model, tokenizer, template.stop_words)

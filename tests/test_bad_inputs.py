@@ -66,6 +66,7 @@ def test_bad_record_names_file_line_and_field(name):
         load(name)
     message = str(error.value)
     assert message.startswith(f"{BAD / name}:2: ") and RECORD_ERRORS[name] in message
+    assert message.endswith("; fix the record, or pass --skip_bad_records to skip bad records")
     assert "\n" not in message and len(message) < 500  # one line, even for a 1 MB broken line
 
 

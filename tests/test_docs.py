@@ -1,11 +1,78 @@
-"""The README's generated sections match the code."""
+"""The README matches the code: its generated flag reference, the commands it quotes, the error line it shows."""
 
+import importlib
+import json
+import re
+import shlex
+from functools import partial
 from pathlib import Path
 
+import pytest
+
 from medicalgpt.args import flag_reference_markdown
+from medicalgpt.errors import run_cli
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+ROOT = README.parent
 
 
 def test_readme_flag_reference_is_current():
-    readme = Path(__file__).resolve().parents[1].joinpath("README.md").read_text(encoding="utf-8")
+    readme = README.read_text(encoding="utf-8")
     block = readme.split("<!-- flags:start -->\n", 1)[1].split("<!-- flags:end -->", 1)[0]
     assert block.strip() == flag_reference_markdown().strip(), "regenerate with: python -m medicalgpt.args"
+
+
+def quoted_commands() -> list[list[str]]:
+    """Each command in the README's bash blocks, continuation lines joined, comments dropped, split into words."""
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", README.read_text(encoding="utf-8"), re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            if words := shlex.split(line, comments=True):
+                commands.append(words)
+    return commands
+
+
+def stage_of(wrapper: str) -> str:
+    """The script a run_*.sh wrapper passes its extra arguments to (run_ppo.sh: its last one, PPO)."""
+    return re.findall(r'python "\$HERE/(\w+\.py)"', (ROOT / wrapper).read_text())[-1]
+
+
+def help_text(script: str, capsys) -> str:
+    """What `python <script> --help` prints (run in this process)."""
+    with pytest.raises(SystemExit):
+        importlib.import_module(script.removesuffix(".py")).main(["--help"])
+    return capsys.readouterr().out
+
+
+def test_every_quoted_command_names_an_existing_script_and_flags_it_accepts(capsys):
+    checked = 0
+    for words in quoted_commands():
+        ours = [word for word in words if word.endswith((".py", ".sh")) and (ROOT / word).is_file()]
+        if not ours:
+            sets_variables = words[0] == "export" and all("=" in word for word in words[1:])
+            assert words[0] == "make" or sets_variables, f"a quoted command that is not checked: {' '.join(words)}"
+            continue
+        if ours[0] == "vllm_deployment.sh":  # its flags are vLLM's
+            continue
+        script = stage_of(ours[0]) if ours[0].startswith("run_") else ours[0]
+        flags = [word.split("=")[0] for word in words[words.index(ours[0]) + 1:] if word.startswith("--")]
+        text = help_text(script, capsys)
+        missing = [flag for flag in flags if not re.search(rf"{re.escape(flag)}\b", text)]
+        assert not missing, f"{' '.join(words)}: {script} has no {', '.join(missing)}"
+        checked += 1
+    assert checked >= 15
+
+
+def test_the_quoted_data_error_is_the_line_a_stage_prints(tmp_path, monkeypatch, capsys):
+    import supervised_finetuning
+
+    (quoted,) = [line for line in README.read_text(encoding="utf-8").splitlines() if line.startswith("error: ")]
+    good = {"conversations": [{"from": "human", "value": "高血压用什么药？"}, {"from": "gpt", "value": "氨氯地平。"}]}
+    bad = {"conversations": [{"from": "human", "value": "高血压用什么药？"}, {"from": "doctor", "value": "氨氯地平。"}]}
+    (tmp_path / "data/sft/train").mkdir(parents=True)
+    (tmp_path / "data/sft/train/x.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n"
+                                                             for r in (good, good, bad)))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(partial(supervised_finetuning.main, ["--train_file_dir", "data/sft/train", "--output_dir", "out"]))
+    assert exit_info.value.code == 2 and capsys.readouterr().err.strip() == quoted

@@ -7,9 +7,11 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 import grpo_training
+from medicalgpt import training
 from medicalgpt.args import DataArguments
 from medicalgpt.data import DataError, load_splits, to_grpo
 from medicalgpt.errors import UsageError
+from medicalgpt.plotting import metric_series
 from medicalgpt.rewards import (
     THINK_ANSWER_PROMPT,
     answer_accuracy,
@@ -43,6 +45,11 @@ def han_fraction(completions: list, **kwargs) -> list[float]:
     return [sum("\u4e00" <= ch <= "\u9fff" for ch in text) / max(1, len(text)) for text in texts]
 
 
+def always_one(completions: list, **kwargs) -> list[float]:
+    """A reward that cannot tell completions apart."""
+    return [1.0] * len(completions)
+
+
 def rewards_logged(output_dir) -> list[float]:
     history = json.loads((output_dir / "trainer_state.json").read_text())["log_history"]
     return [entry["reward"] for entry in history if "reward" in entry]
@@ -74,6 +81,12 @@ def test_answer_match_ignores_case_whitespace_and_punctuation():
     assert scores(answer_match, ["X Ray of the Affected Joint!", "<answer>An x-ray of the affected joint</answer>",
                                  "MRI"], "X-ray of the affected joint") == [1.0, 0.5, 0.0]
     assert scores(answer_match, ["（眼压测量）", "眼压 测量，"], "眼压测量") == [1.0, 1.0]  # full-width punctuation
+
+
+def test_answer_match_matches_numbers_as_whole_numbers():
+    assert scores(answer_match, ["可能是4或者13", "3.5", "13", "约3次", "3", "共3.5天"], "3") == [
+        0.0, 0.0, 0.0, 0.5, 1.0, 0.0]
+    assert scores(answer_match, ["3.5天", "35天", "13.5天"], "3.5天") == [1.0, 0.0, 0.0]
 
 
 def test_numeric_match_converts_units_within_one_percent():
@@ -154,6 +167,29 @@ def test_full_finetuning_raises_a_learnable_reward(tiny_model_dir, tmp_path):
     rewards = rewards_logged(tmp_path)
     first, last = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
     assert len(rewards) == 30 and last > first + 0.3, rewards
+
+
+def test_rewards_that_never_differ_within_a_group_are_a_warning(tiny_model_dir, tmp_path, caplog, monkeypatch):
+    plotted = []
+    monkeypatch.setattr(training, "plot_metrics", lambda history, path, metrics, title: plotted.append(
+        metric_series(history, metrics)))
+    grpo_training.main(["--model_name_or_path", tiny_model_dir, "--output_dir", str(tmp_path), *GRPO_DATA, *FAST,
+                        "--validation_split_percentage", "0", "--reward_funcs", f"{__name__}:always_one",
+                        "--max_steps", "2"])
+    warnings = [r.getMessage() for r in caplog.records if "same reward for every completion" in r.getMessage()]
+    assert len(warnings) == 1 and warnings[0].startswith("100% of the groups")
+    assert "always_one 1.00" in warnings[0] and "--num_generations" in warnings[0]
+    # loss.png shows the reward (here constant, with a zero loss) by its name, above the loss
+    assert list(plotted[-1]) == ["reward", "loss"] and [r for _, r in plotted[-1]["reward"]["train"]] == [1.0, 1.0]
+
+
+def test_the_final_evaluation_is_capped(tiny_model_dir, tmp_path, monkeypatch):
+    evaluated = []
+    monkeypatch.setattr(grpo_training.GRPOTrainer, "evaluate", lambda self: evaluated.append(len(self.eval_dataset))
+                        or {"eval_reward": 0.0})
+    grpo_training.main(["--model_name_or_path", tiny_model_dir, "--output_dir", str(tmp_path), *GRPO_DATA, *FAST,
+                        "--validation_file_dir", "data/grpo/validation", "--max_steps", "1"])
+    assert evaluated == [grpo_training.EVAL_PROMPTS] and grpo_training.EVAL_PROMPTS < 120
 
 
 def test_lora_with_rule_rewards_and_a_reward_model(tiny_model_dir, tmp_path):

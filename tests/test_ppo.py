@@ -7,6 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 import ppo_training as ppo
+from medicalgpt.plotting import metric_series, plot_metrics
 
 # --- math on fixed tensors -------------------------------------------------------------------------------------------
 
@@ -86,13 +87,19 @@ def test_score_adds_every_reward_part_and_logs_each():
     assert parts == {"score/han_share": 0.5, "score/han_share_1": 0.5, "score/missing_eos_penalty": -0.5}
 
 
-def test_ppo_raises_the_reward_on_a_learnable_task(tiny_model_dir, tmp_path):
+def test_ppo_raises_the_reward_on_a_learnable_task(tiny_model_dir, tmp_path, monkeypatch):
+    plotted = []
+    monkeypatch.setattr(ppo, "plot_metrics", lambda history, path, metrics, title: plotted.append(
+        metric_series(history, metrics)) or plot_metrics(history, path, metrics, title))
     history = run_ppo(tiny_model_dir, tmp_path, "--use_peft", "False", "--learning_rate", "3e-3",
                       "--max_steps", "24", "--kl_coef", "0.01")["history"]
     rewards = [h["reward"] for h in history]
     assert sum(rewards[-4:]) / 4 > 1.3 * sum(rewards[:4]) / 4
     assert {"kl", "entropy", "clipfrac", "value_loss", "approx_kl", "score/han_share"} <= set(history[-1])
     assert (tmp_path / "loss.png").exists() and (tmp_path / "model.safetensors").exists()
+    # loss.png shows PPO's own metrics under their names (not the reward as an "eval loss")
+    assert list(plotted[-1]) == ["reward", "policy_loss", "value_loss", "kl"]
+    assert [r for _, r in plotted[-1]["reward"]["train"]] == rewards and not plotted[-1]["reward"]["eval"]
 
 
 def test_resumed_run_equals_an_uninterrupted_one(tiny_model_dir, tmp_path):

@@ -13,7 +13,16 @@ import dpo_training
 import kto_training
 import orpo_training
 import reward_modeling
-from medicalgpt.data import DataError, build_preference_splits, load_splits, to_preference, to_unpaired
+import validate_data
+from medicalgpt.data import (
+    DataError,
+    LengthLimits,
+    build_preference_splits,
+    build_unpaired_splits,
+    load_splits,
+    to_preference,
+    to_unpaired,
+)
 from medicalgpt.templates import IGNORE_INDEX, get_template
 
 FAST = ["--report_to", "none", "--logging_steps", "1", "--save_strategy", "no", "--disable_tqdm", "True",
@@ -83,20 +92,96 @@ def test_kto_reads_unpaired_records_and_splits_pairs():
         to_unpaired({"prompt": "Dose?", "completion": "500 mg.", "label": "yes"})
 
 
-def test_pairs_are_rendered_with_the_template(tokenizer, caplog):
+def test_pairs_are_rendered_with_the_template(tokenizer):
     template = get_template("chatml")
     pair = to_preference({**MEDICALGPT_PAIR, "system_prompt": "你是医生。"})
-    long_pair = {**pair, "chosen": "很长的回答" * 40}
-    splits = build_preference_splits(DatasetDict({"train": Dataset.from_list([pair, long_pair])}), tokenizer,
-                                     template, max_source_length=64, max_target_length=32)["train"]
-    assert len(splits) == 1 and "dropped 1 of 2" in caplog.text
-    row = splits[0]
+    row = build_preference_splits(DatasetDict({"train": Dataset.from_list([pair])}), tokenizer, template)["train"][0]
     ids, labels = template.encode(tokenizer, pair["messages"] + [{"role": "assistant", "content": pair["chosen"]}])
     trained_end = max(i for i, label in enumerate(labels) if label != IGNORE_INDEX) + 1
     assert row["prompt_ids"] + row["chosen_ids"] == ids[:trained_end]
     assert tokenizer.decode(row["chosen_ids"]) == "秋水仙碱。<|im_end|>"
     assert tokenizer.decode(row["rejected_ids"]) == "阿莫西林。<|im_end|>"
     assert tokenizer.decode(row["prompt_ids"]).endswith("<|im_start|>assistant\n")
+
+
+def long_pair(index: int, chosen: str = "建议尽快就医，完善血常规检查。" * 12, rejected: str = "多喝水。" * 30) -> dict:
+    """A MedicalGPT-style pair with a long earlier exchange before the last question."""
+    return {"system_prompt": "你是医生。",
+            "conversations": [{"from": "human", "value": "我之前的情况是这样的：" * 20},
+                              {"from": "gpt", "value": "明白了，请继续说明。" * 20},
+                              {"from": "human", "value": f"病例{index}：发热三天，应该怎么处理？"}],
+            "chosen": chosen, "rejected": rejected}
+
+
+def test_long_pairs_are_kept_and_lose_their_prompt_before_their_answers(tokenizer, caplog):
+    template = get_template("chatml")
+    max_length = 160
+    pairs = [to_preference(long_pair(i)) for i in range(6)] + [to_preference(long_pair(6, "秋水仙碱。", "阿莫西林。"))]
+    full = [build_preference_splits(DatasetDict({"train": Dataset.from_list([p])}), tokenizer, template)["train"][0]
+            for p in pairs]
+    rows = build_preference_splits(DatasetDict({"train": Dataset.from_list(pairs)}), tokenizer, template,
+                                   LengthLimits(max_length))["train"]
+    assert len(rows) == len(pairs)
+    assert "cut 7 of 7 pairs longer than --max_length 160 tokens (the prompt in 7, the answers in 6)" in caplog.text
+    assert "--long_pairs drop" in caplog.text
+    for row, whole, pair in zip(rows, full, pairs, strict=True):
+        prompt = tokenizer.decode(row["prompt_ids"])
+        # The earlier exchange went, the system prompt and the last question stayed.
+        assert "之前的情况" not in prompt and prompt.startswith("<|im_start|>system\n你是医生。")
+        assert prompt.endswith(f"{pair['messages'][-1]['content']}<|im_end|>\n<|im_start|>assistant\n")
+        assert len(row["prompt_ids"]) + max(len(row["chosen_ids"]), len(row["rejected_ids"])) <= max_length
+        for side in ("chosen_ids", "rejected_ids"):  # answers are cut at their end only, to what the prompt leaves
+            assert row[side] == whole[side][: max_length - len(row["prompt_ids"])]
+    assert len(rows[0]["chosen_ids"]) > max_length // 2  # most of the budget bears loss
+    assert tokenizer.decode(rows[-1]["chosen_ids"]) == "秋水仙碱。<|im_end|>"  # a short answer keeps its end
+
+
+def test_long_pairs_can_be_dropped_instead_and_that_is_a_warning(tokenizer, caplog):
+    template = get_template("chatml")
+    pairs = [to_preference(long_pair(0))] + [to_preference(MEDICALGPT_PAIR)] * 3
+    splits = DatasetDict({"train": Dataset.from_list(pairs)})
+    rows = build_preference_splits(splits, tokenizer, template, LengthLimits(160, drop=True))["train"]
+    assert len(rows) == 3
+    assert "WARNING" in caplog.text and "dropped 1 of 4 pairs longer than --max_length 160 tokens" in caplog.text
+    assert "--long_pairs truncate" in caplog.text
+    with pytest.raises(DataError, match="every pair is longer than --max_length 16 .*--long_pairs truncate"):
+        build_preference_splits(splits, tokenizer, template, LengthLimits(16, drop=True))
+
+
+def test_kto_rows_are_fitted_each_on_its_own(tokenizer):
+    records = DatasetDict({"train": Dataset.from_list([to_unpaired(long_pair(0, rejected="不用。"))])})
+    rows = build_unpaired_splits(records, tokenizer, get_template("chatml"), LengthLimits(160))["train"]
+    assert rows["label"] == [True, False]
+    assert [len(r["prompt_ids"]) + len(r["completion_ids"]) <= 160 for r in rows] == [True, True]
+    assert tokenizer.decode(rows[1]["completion_ids"]) == "不用。<|im_end|>"
+
+
+def test_validate_data_predicts_what_a_preference_stage_cuts_or_drops(tmp_path, tiny_model_dir, capsys):
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(long_pair(i), ensure_ascii=False) + "\n" for i in range(3))
+                    + json.dumps(MEDICALGPT_PAIR, ensure_ascii=False) + "\n")
+    for stage, rows in (("dpo", 3), ("kto", 6)):
+        (result,) = validate_data.main([str(data), "--stage", stage, "--model_name_or_path", tiny_model_dir,
+                                        "--max_length", "160"])
+        assert (result["prompts_cut"], result["answers_cut"], result["dropped_by_drop"]) == (rows, rows, rows)
+    assert "--long_pairs drop drops 6 rows" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("stage", ["rm", "dpo", "orpo", "cpo", "kto"])
+def test_validate_data_checks_at_the_stages_default_max_length(stage, tiny_model_dir, monkeypatch):
+    module = {"rm": reward_modeling, "dpo": dpo_training, "orpo": orpo_training, "cpo": cpo_training,
+              "kto": kto_training}[stage]
+
+    class Parsed(Exception):
+        """Stops the stage once its arguments are parsed."""
+
+    def stop(training_args):
+        raise Parsed(training_args.max_length)
+
+    monkeypatch.setattr(module, "prepare_run", stop)
+    with pytest.raises(Parsed) as parsed:
+        module.main(["--model_name_or_path", tiny_model_dir, "--output_dir", "unused"])
+    assert validate_data.parse_arguments(["data", "--stage", stage]).max_length == parsed.value.args[0]
 
 
 # --- stages ---------------------------------------------------------------------------------------------------------
@@ -130,6 +215,20 @@ def test_dpo_with_lora_has_no_reference_copy_and_learns(tiny_model_dir, tmp_path
     assert trainer.ref_model is None and trainer.model.peft_config  # reference = adapter disabled
     history = losses(out)
     assert history[0] == pytest.approx(0.6931, abs=1e-3) and sum(history[-3:]) / 3 < 0.6
+
+
+def test_dpo_trains_on_the_answers_of_pairs_longer_than_max_length(tiny_model_dir, tmp_path, monkeypatch):
+    built = capture(monkeypatch, dpo_training, "TokenizedDPOTrainer")
+    (tmp_path / "train").mkdir()
+    (tmp_path / "train/pairs.jsonl").write_text("".join(json.dumps(long_pair(i), ensure_ascii=False) + "\n"
+                                                        for i in range(8)))
+    dpo_training.main(["--model_name_or_path", tiny_model_dir, "--output_dir", str(tmp_path / "out"), *FAST,
+                       "--train_file_dir", str(tmp_path / "train"), "--validation_split_percentage", "0",
+                       "--max_length", "160", "--max_steps", "1"])
+    trainer = built[0]
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(8)])
+    assert len(trainer.train_dataset) == 8
+    assert batch["completion_mask"].sum(dim=1).min() > 80  # loss-bearing answer tokens in every row
 
 
 def test_full_dpo_keeps_a_frozen_reference(tiny_model_dir, tmp_path, monkeypatch):

@@ -111,8 +111,8 @@ def test_sft_sigterm_saves_a_checkpoint_and_exits_143(tiny_model_dir, straight_s
 def test_sft_ctrl_c_saves_at_the_next_step(tiny_model_dir, straight_sft, tmp_path, monkeypatch, sigint_handled):
     plot = training.write_loss_plot
 
-    def ctrl_c_after_checkpoint_2(args, state):  # runs on each save, in the training process
-        plot(args, state)
+    def ctrl_c_after_checkpoint_2(args, state, metrics):  # runs on each save, in the training process
+        plot(args, state, metrics)
         if state.global_step == 2:
             os.kill(os.getpid(), signal.SIGINT)
 

@@ -18,6 +18,7 @@ import pretraining
 import quantize_model
 import validate_data
 from data.knowledge import CONDITIONS
+from medicalgpt.args import LoraArguments
 from medicalgpt.data import iter_records, to_conversation, to_preference
 from medicalgpt.data.readers import _ArrayStream
 from medicalgpt.errors import DataError
@@ -270,9 +271,21 @@ def test_memory_estimate_counts_parameters_and_shards_like_the_real_model():
                                                                      lora_rank=4), config)
     linear = sum(m.weight.numel() for name, m in model.named_modules()
                  if isinstance(m, torch.nn.Linear) and "lora_" not in name and not name.endswith("lm_head"))
-    # nf4 with double quantization; everything else upcast to float32 for k-bit training; LoRA in float32
-    expected = linear * (0.5 + 1 / 64 + 4 / (64 * 256)) + (lora["parameters"] - linear) * 4 + trainable * 4
+    # nf4 with double quantization; everything else (embeddings, head, norms) in bfloat16 as loaded; LoRA in float32
+    expected = linear * (0.5 + 1 / 64 + 4 / (64 * 256)) + (lora["parameters"] - linear) * 2 + trainable * 4
     assert qlora["weights"] == pytest.approx(expected) and qlora["activations"] == lora["activations"]
+
+
+def test_memory_estimate_knows_common_models_offline_and_meets_the_published_7b_figures(capsys):
+    gb = {}
+    for method in ("qlora4", "lora", "full"):
+        result = estimate_memory.main(["--model", "Qwen/Qwen2.5-7B-Instruct", "--method", method, "--seq_len", "512",
+                                       "--gradient_checkpointing"])
+        gb[method] = result["peak"] / 1e9
+    assert result["parameters"] == 7_615_616_512  # Qwen2.5-7B's published count
+    assert 5 < gb["qlora4"] < 7.5 and 14 < gb["lora"] < 18 and gb["full"] > 60, gb
+    assert "assume batch 1, ~512-token sequences, gradient checkpointing" in capsys.readouterr().out
+    assert estimate_memory.MemoryArguments(model="-").lora_dropout == LoraArguments().lora_dropout
 
 
 def test_memory_estimate_matches_a_measured_training_run(tiny_model_dir):

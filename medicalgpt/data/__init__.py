@@ -11,6 +11,7 @@ from medicalgpt.data.formats import (
 )
 from medicalgpt.data.loading import load_splits
 from medicalgpt.data.processors import (
+    LengthLimits,
     build_preference_splits,
     build_pretraining_splits,
     build_sft_splits,
@@ -20,6 +21,6 @@ from medicalgpt.data.processors import (
 from medicalgpt.data.readers import find_data_files, iter_records
 from medicalgpt.errors import DataError
 
-__all__ = ["DataError", "build_preference_splits", "build_pretraining_splits", "build_sft_splits",
+__all__ = ["DataError", "LengthLimits", "build_preference_splits", "build_pretraining_splits", "build_sft_splits",
            "build_unpaired_splits", "detect_format", "find_data_files", "iter_records", "load_splits",
            "pack_sft_splits", "to_conversation", "to_grpo", "to_preference", "to_rl_prompts", "to_text", "to_unpaired"]

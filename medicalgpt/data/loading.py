@@ -28,10 +28,12 @@ class LoadReport:
 
 
 def iter_converted(located: Iterable[tuple[str, object]], convert: Converter, report: LoadReport,
-                   skip_bad_records: bool) -> Iterator[tuple[str, str, dict]]:
+                   skip_bad_records: bool, skip_flag: str | None = "--skip_bad_records"
+                   ) -> Iterator[tuple[str, str, dict]]:
     """(location, detected format, converted record) for one source's records, one at a time.
 
-    A bad record raises '<file>:<line>: <field>: ...', or is counted in report and skipped.
+    A bad record raises '<file>:<line>: <field>: ...' (naming skip_flag, the caller's flag that skips bad records,
+    if it has one), or is counted in report and skipped.
     """
     file_format = None
     for location, raw in located:
@@ -46,16 +48,17 @@ def iter_converted(located: Iterable[tuple[str, object]], convert: Converter, re
             report.read += 1
         except DataError as e:
             if not skip_bad_records:
-                raise DataError(f"{location}: {e}") from None
+                hint = f"; fix the record, or pass {skip_flag} to skip bad records" if skip_flag else ""
+                raise DataError(f"{location}: {e}{hint}") from None
             report.skip(f"{location}: {e}")
             continue
         yield location, kind, record
 
 
 def convert_records(located: Iterable[tuple[str, object]], convert: Converter, report: LoadReport,
-                    skip_bad_records: bool) -> list[dict]:
+                    skip_bad_records: bool, skip_flag: str | None = "--skip_bad_records") -> list[dict]:
     """Convert one source's (location, raw record) pairs; a bad record raises '<file>:<line>: <field>: ...'."""
-    return [record for _, _, record in iter_converted(located, convert, report, skip_bad_records)]
+    return [record for _, _, record in iter_converted(located, convert, report, skip_bad_records, skip_flag)]
 
 
 def _read_local(spec: str, convert: Converter, report: LoadReport, skip_bad_records: bool) -> list[dict]:

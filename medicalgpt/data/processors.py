@@ -2,6 +2,9 @@
 
 import json
 import logging
+import math
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from itertools import chain
 
 from datasets import DatasetDict
@@ -94,7 +97,80 @@ def prompt_and_response(tokenizer, template, messages: list[dict], tools: list |
     return ids[:start], ids[start:end]
 
 
-def _encode_responses(example: dict, tokenizer, template, responses: list[str]) -> tuple[list[int], list[list[int]]]:
+@dataclass(frozen=True)
+class LengthLimits:
+    """Token caps for preference rows; None = no cap. drop: drop an over-long pair instead of cutting it."""
+
+    max_length: int | None = None  # prompt + longest answer (the trainer's --max_length)
+    max_source_length: int | None = None
+    max_target_length: int | None = None
+    drop: bool = False
+
+    def over(self, prompt: list[int], responses: list[list[int]]) -> bool:
+        longest = max(map(len, responses))
+        return ((self.max_source_length is not None and len(prompt) > self.max_source_length)
+                or (self.max_target_length is not None and longest > self.max_target_length)
+                or (self.max_length is not None and len(prompt) + longest > self.max_length))
+
+
+@dataclass
+class Fitted:
+    """A prompt and its answers within LengthLimits, and what it took."""
+
+    prompt: list[int]
+    responses: list[list[int]]
+    prompt_cut: bool = False
+    answers_cut: bool = False
+    dropped: bool = False
+
+
+def fit_lengths(prompt: list[int], responses: list[list[int]], shorter_prompts: Iterable[list[int]],
+                limits: LengthLimits) -> Fitted:
+    """Cut the prompt before the answers, so that prompt + longest answer fit the limits.
+
+    The prompt loses its oldest exchanges first (shorter_prompts: the prompt re-rendered with fewer turns, the
+    system prompt kept, down to the last user turn); a last user turn that is still too long is cut from the left,
+    to no less than half of max_length. The answers are then cut at the end to what the prompt leaves.
+    """
+    if not limits.over(prompt, responses):
+        return Fitted(prompt, responses)
+    if limits.drop:
+        return Fitted(prompt, responses, dropped=True)
+    cut = [r[: limits.max_target_length] for r in responses] if limits.max_target_length else responses
+    total = limits.max_length or math.inf
+    source_cap = limits.max_source_length or math.inf
+    budget = min(source_cap, total - max(map(len, cut)))
+    shortened = prompt
+    for candidate in chain([prompt], shorter_prompts):
+        shortened = candidate
+        if len(candidate) <= budget:
+            break
+    if len(shortened) > budget:  # the last user turn alone is too long: cut its start
+        keep = int(min(source_cap, max(budget, min(len(shortened), total // 2))))
+        shortened = shortened[len(shortened) - keep:]
+    if limits.max_length:
+        cut = [r[: limits.max_length - len(shortened)] for r in cut]
+    return Fitted(shortened, cut, prompt_cut=shortened != prompt,
+                  answers_cut=any(len(a) < len(r) for a, r in zip(cut, responses, strict=True)))
+
+
+def shorter_prompts(example: dict, tokenizer, template, response: str) -> Iterator[list[int]]:
+    """The prompt without its oldest exchanges, one at a time (the system prompt stays), down to the last user turn."""
+    tools = json.loads(example["tools"]) if example["tools"] else None
+    messages = example["messages"]
+    head = messages[:1] if messages[0]["role"] == "system" else []
+    body = messages[len(head):]
+    for start in (i for i, message in enumerate(body) if i > 0 and message["role"] == "user"):
+        yield prompt_and_response(tokenizer, template, head + body[start:], tools, response)[0]
+
+
+def fit_example(example: dict, tokenizer, template, responses: list[str], limits: LengthLimits) -> Fitted:
+    """An example's prompt and responses, as ids, fitted to the limits (see fit_lengths)."""
+    prompt, response_ids = encode_responses(example, tokenizer, template, responses)
+    return fit_lengths(prompt, response_ids, shorter_prompts(example, tokenizer, template, responses[0]), limits)
+
+
+def encode_responses(example: dict, tokenizer, template, responses: list[str]) -> tuple[list[int], list[list[int]]]:
     """The shared prompt ids and each response's ids."""
     tools = json.loads(example["tools"]) if example["tools"] else None
     encoded = [prompt_and_response(tokenizer, template, example["messages"], tools, r) for r in responses]
@@ -104,58 +180,78 @@ def _encode_responses(example: dict, tokenizer, template, responses: list[str]) 
     return prompt, [response_ids for _, response_ids in encoded]
 
 
-def _encode_pair(example: dict, tokenizer, template) -> dict:
-    prompt, (chosen, rejected) = _encode_responses(example, tokenizer, template,
-                                                   [example["chosen"], example["rejected"]])
-    return {"prompt_ids": prompt, "chosen_ids": chosen, "rejected_ids": rejected}
+def _outcome(fitted: Fitted) -> dict:
+    return {"prompt_cut": fitted.prompt_cut, "answers_cut": fitted.answers_cut, "dropped": fitted.dropped}
 
 
-def _encode_unpaired(batch: dict, tokenizer, template) -> dict:
-    """One row per (prompt, completion, label): a preference pair becomes two rows."""
-    rows = {"prompt_ids": [], "completion_ids": [], "label": []}
+def _encode_pair(example: dict, tokenizer, template, limits: LengthLimits) -> dict:
+    fitted = fit_example(example, tokenizer, template, [example["chosen"], example["rejected"]], limits)
+    chosen, rejected = fitted.responses
+    return {"prompt_ids": fitted.prompt, "chosen_ids": chosen, "rejected_ids": rejected, **_outcome(fitted)}
+
+
+def _encode_unpaired(batch: dict, tokenizer, template, limits: LengthLimits) -> dict:
+    """One row per (prompt, completion, label): a preference pair becomes two rows, each fitted on its own."""
+    rows = {"prompt_ids": [], "completion_ids": [], "label": [], "prompt_cut": [], "answers_cut": [], "dropped": []}
     for index, messages in enumerate(batch["messages"]):
         example = {"messages": messages, "tools": batch["tools"][index]}
-        prompt, completions = _encode_responses(example, tokenizer, template, batch["completions"][index])
-        for completion, label in zip(completions, batch["labels"][index], strict=True):
-            rows["prompt_ids"].append(prompt)
-            rows["completion_ids"].append(completion)
-            rows["label"].append(label)
+        for completion, label in zip(batch["completions"][index], batch["labels"][index], strict=True):
+            fitted = fit_example(example, tokenizer, template, [completion], limits)
+            for key, value in {"prompt_ids": fitted.prompt, "completion_ids": fitted.responses[0], "label": label,
+                               **_outcome(fitted)}.items():
+                rows[key].append(value)
     return rows
 
 
-def _filter_lengths(splits: DatasetDict, response_columns: list[str], max_source_length: int,
-                    max_target_length: int) -> DatasetDict:
-    """Drop examples whose prompt or any answer is longer (in tokens) than allowed, and say how many."""
-    def fits(example: dict) -> bool:
-        return len(example["prompt_ids"]) <= max_source_length and all(
-            len(example[column]) <= max_target_length for column in response_columns)
+# Dropping or cutting more than this share of a split is a warning; less is logged as information.
+SMALL_SHARE = 0.05
 
+
+def _report_fitting(splits: DatasetDict, limits: LengthLimits, unit: str) -> DatasetDict:
+    """Remove dropped rows and the bookkeeping columns; say what was dropped or cut, loudly when it is much."""
+    caps = f"--max_length {limits.max_length}" + "".join(
+        f" / --{name} {value}" for name, value in (("max_source_length", limits.max_source_length),
+                                                  ("max_target_length", limits.max_target_length)) if value)
     result = {}
     for name, split in splits.items():
-        kept = split.filter(fits, desc="Filtering by length")
-        if len(kept) < len(split):
-            logger.warning("%s: dropped %d of %d examples with a prompt over --max_source_length %d or an answer "
-                           "over --max_target_length %d tokens", name, len(split) - len(kept), len(split),
-                           max_source_length, max_target_length)
-        if len(kept) == 0:
-            raise DataError(f"{name}: every example is longer than --max_source_length {max_source_length} / "
-                            f"--max_target_length {max_target_length} tokens; raise them")
-        result[name] = kept
+        dropped, prompts, answers = (sum(split[column]) for column in ("dropped", "prompt_cut", "answers_cut"))
+        cut = sum(p or a for p, a in zip(split["prompt_cut"], split["answers_cut"], strict=True))
+        kept = split.filter(lambda flag: not flag, input_columns="dropped", desc="Dropping over-long rows") \
+            if dropped else split
+        if dropped and len(kept) == 0:
+            raise DataError(f"{name}: every {unit} is longer than {caps} tokens; raise --max_length, or pass "
+                            "--long_pairs truncate to keep them cut")
+        if dropped:
+            logger.log(_loudness(dropped, len(split)), "%s: dropped %d of %d %ss longer than %s tokens; raise "
+                       "--max_length, or pass --long_pairs truncate to keep them cut", name, dropped, len(split),
+                       unit, caps)
+        if cut:
+            logger.log(_loudness(cut, len(split)), "%s: cut %d of %d %ss longer than %s tokens (the prompt in %d, "
+                       "the answers in %d); raise --max_length to keep more, or pass --long_pairs drop to drop "
+                       "them", name, cut, len(split), unit, caps, prompts, answers)
+        result[name] = kept.remove_columns(["prompt_cut", "answers_cut", "dropped"])
     return DatasetDict(result)
 
 
-def build_preference_splits(splits: DatasetDict, tokenizer, template, max_source_length: int,
-                            max_target_length: int, num_proc: int | None = None) -> DatasetDict:
-    """Preference pairs as prompt_ids / chosen_ids / rejected_ids rendered by the chat template."""
+def _loudness(count: int, total: int) -> int:
+    """A warning when more than a small share of a split is affected, else information."""
+    return logging.WARNING if count > SMALL_SHARE * total else logging.INFO
+
+
+def build_preference_splits(splits: DatasetDict, tokenizer, template, limits: LengthLimits = LengthLimits(),
+                            num_proc: int | None = None) -> DatasetDict:
+    """Preference pairs as prompt_ids / chosen_ids / rejected_ids rendered by the chat template, fitted to limits."""
     encoded = splits.map(_encode_pair, num_proc=num_proc, remove_columns=splits["train"].column_names,
-                         fn_kwargs=dict(tokenizer=tokenizer, template=template), desc="Applying the chat template")
-    return _filter_lengths(encoded, ["chosen_ids", "rejected_ids"], max_source_length, max_target_length)
+                         fn_kwargs=dict(tokenizer=tokenizer, template=template, limits=limits),
+                         desc="Applying the chat template")
+    return _report_fitting(encoded, limits, "pair")
 
 
-def build_unpaired_splits(splits: DatasetDict, tokenizer, template, max_source_length: int,
-                          max_target_length: int, num_proc: int | None = None) -> DatasetDict:
-    """KTO rows as prompt_ids / completion_ids / label rendered by the chat template."""
+def build_unpaired_splits(splits: DatasetDict, tokenizer, template, limits: LengthLimits = LengthLimits(),
+                          num_proc: int | None = None) -> DatasetDict:
+    """KTO rows as prompt_ids / completion_ids / label rendered by the chat template, fitted to limits."""
     encoded = splits.map(_encode_unpaired, batched=True, num_proc=num_proc,
                          remove_columns=splits["train"].column_names,
-                         fn_kwargs=dict(tokenizer=tokenizer, template=template), desc="Applying the chat template")
-    return _filter_lengths(encoded, ["completion_ids"], max_source_length, max_target_length)
+                         fn_kwargs=dict(tokenizer=tokenizer, template=template, limits=limits),
+                         desc="Applying the chat template")
+    return _report_fitting(encoded, limits, "row")
