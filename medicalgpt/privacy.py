@@ -25,8 +25,8 @@ logger = logging.getLogger(__name__)
 
 PHI_TYPES = ("NAME", "ID", "PHONE", "DATE", "ADDRESS", "MRN", "EMAIL")
 KNOWLEDGE_TABLE = Path(__file__).resolve().parents[1] / "data" / "knowledge.py"
-# Keys of a record whose strings are structure, not text: roles, tool schemas, format tags.
-STRUCTURE_KEYS = frozenset({"role", "from", "tools", "type", "name", "label", "labels", "tool_calls", "id"})
+# Keys of a record whose strings are structure, not text: roles, tool schemas and calls.
+STRUCTURE_KEYS = frozenset({"role", "from", "tools", "tool_calls"})
 
 HAN = r"\u4e00-\u9fff"
 # Surnames of most Chinese people: a tagged "name" that starts with none is a false alarm.
@@ -208,8 +208,14 @@ class Deidentifier:
 
             self._ner = pipeline("token-classification", model=self.ner_model, aggregation_strategy="simple",
                                  device="cpu")
-        return [Span(e["start"], e["end"], "NAME") for e in self._ner(text)
-                if e["entity_group"].upper() in ("PER", "PERSON")]
+        spans = []
+        for entity in self._ner(text):
+            if entity["entity_group"].upper() in ("PER", "PERSON"):
+                # Byte-level tokenizers count the space before a word into its offsets.
+                start, end = entity["start"], entity["end"]
+                start += len(text[start:end]) - len(text[start:end].lstrip())
+                spans.append(Span(start, end, "NAME"))
+        return spans
 
     def detect(self, text: str, known_names: Iterable[str] = ()) -> list[Span]:
         """Non-overlapping PHI spans of text, in order; known_names are masked wherever they occur."""
@@ -262,9 +268,11 @@ class Deidentifier:
         """
         fields = list(_text_fields(record))
         found = {path: self.detect(text) for path, text in fields}
-        names = {text[s.start: s.end] for path, text in fields for s in found[path] if s.kind == "NAME"}
-        # An English full name also recurs as the surname alone ("Mr. Smith").
-        names |= {name.split()[-1] for name in names if name.isascii() and len(name.split()[-1]) > 2}
+        names = {text[s.start: s.end].strip() for path, text in fields for s in found[path] if s.kind == "NAME"}
+        # An English full name also recurs as the surname alone ("Mr. Smith"); a fragment too short to be a name
+        # (a model's stray "Jo") would mask unrelated words.
+        names |= {name.split()[-1] for name in names if name.isascii() and " " in name}
+        names = {name for name in names if len(name) >= (3 if name.isascii() else 2)}
         if names:
             found = {path: self.detect(text, names) for path, text in fields}
         surrogates: dict[tuple[str, str], str] = {}

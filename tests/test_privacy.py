@@ -105,9 +105,10 @@ def test_cli_keeps_every_format_and_reports_file_line(tmp_path, capsys):
     (source / "corpus.txt").write_text(f"{ZH_NOTE}\n心内科负责高血压。\n", encoding="utf-8")
     write_jsonl(source / "sharegpt.jsonl", [{"conversations": [{"from": "human", "value": EN_NOTE},
                                                                {"from": "gpt", "value": "Take amlodipine."}]}])
+    tools = [{"type": "function", "function": {"name": "book", "description": "Book a visit on 2023-03-05"}}]
     (source / "openai.json").write_text(json.dumps([{"messages": [
         {"role": "system", "content": "You are a doctor."}, {"role": "user", "content": "My number is 13812345678."},
-        {"role": "assistant", "content": "Noted."}]}]), encoding="utf-8")
+        {"role": "assistant", "content": "Noted."}], "tools": tools}]), encoding="utf-8")
     write_jsonl(source / "alpaca.jsonl", [{"instruction": "患者李娜，电话13812345678，头痛怎么办？", "input": "",
                                            "output": "建议到神经内科就诊。"}])
     write_jsonl(source / "pairs.jsonl", [{"conversations": [{"from": "human", "value": "I am Dr. Emily Chen."}],
@@ -126,6 +127,7 @@ def test_cli_keeps_every_format_and_reports_file_line(tmp_path, capsys):
         "content"]
     openai = json.loads((out / "openai.json").read_text(encoding="utf-8"))  # still one JSON array
     assert openai[0]["messages"][1] == {"role": "user", "content": "My number is [PHONE]."}
+    assert openai[0]["tools"] == tools  # tool schemas are structure, kept as they are
     alpaca = json.loads((out / "alpaca.jsonl").read_text(encoding="utf-8"))
     assert alpaca["instruction"] == "患者[NAME]，电话[PHONE]，头痛怎么办？"
     pair = to_preference(json.loads((out / "pairs.jsonl").read_text(encoding="utf-8")))
@@ -201,3 +203,25 @@ def test_a_stage_with_deidentify_trains_on_deidentified_text(tiny_model_dir, tok
     trained = tokenizer.decode(sum(seen["blocks"]["train"]["input_ids"], []))
     assert "[PHONE]" in trained and "氨氯地平" in trained and "amlodipine" in trained
     assert not [text for text in PHI if text in trained]
+
+
+def test_ner_model_adds_names_the_rules_miss(tokenizer, tmp_path, deidentifier):
+    import torch
+    from transformers import Qwen2Config, Qwen2ForTokenClassification
+
+    # A token classifier that tags every token I-PER: it shows the model's entities are used, and that medical
+    # terms still win over them.
+    labels = {0: "O", 1: "B-PER", 2: "I-PER"}
+    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=1, num_key_value_heads=1, id2label=labels,
+                         label2id={v: k for k, v in labels.items()}, pad_token_id=tokenizer.pad_token_id)
+    model = Qwen2ForTokenClassification(config)
+    with torch.no_grad():
+        model.score.weight.zero_()
+        model.score.bias.copy_(torch.tensor([0.0, 0.0, 5.0]))
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    assert deidentifier.detect("call john smith") == []
+    with_model = Deidentifier(ner_model=str(tmp_path))
+    assert with_model.deidentify_record({"text": "call john smith"})[0] == {"text": "[NAME]"}
+    assert with_model.detect("call john smith about fever") == []
