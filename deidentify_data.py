@@ -15,7 +15,7 @@ the counts per type. A bad record stops the run with its file:line, or is skippe
 
 import argparse
 import json
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -78,13 +78,14 @@ def output_paths(input_spec: str, output: str) -> list[tuple[Path, Path]]:
     return [(path, Path(output) / path.relative_to(source)) for path in find_data_files(input_spec)]
 
 
-def write_records(records: list, path: Path) -> None:
+def write_records(records: Iterator[dict], path: Path) -> None:
+    """Text and JSON stream record by record into path.part, renamed when complete; Parquet is one table."""
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix == ".parquet":
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        pq.write_table(pa.Table.from_pylist(records), path)
+        pq.write_table(pa.Table.from_pylist(list(records)), path)
     elif path.suffix == ".txt":
         write_lines((record["text"] for record in records), path)
     else:
@@ -126,8 +127,10 @@ def main(argv: list[str] | None = None) -> dict:
         return print_evaluation(deidentifier, Path(args.evaluate))
     report, counts = LoadReport(), Counter()
     for source, target in output_paths(args.input, args.output):
-        records = list(deidentify_file(source, deidentifier, report, args, counts))
-        if not args.dry_run:
+        records = deidentify_file(source, deidentifier, report, args, counts)
+        if args.dry_run:
+            deque(records, maxlen=0)  # read and report only
+        else:
             write_records(records, target)
     summary = ", ".join(f"{kind} {counts[kind]}" for kind in PHI_TYPES) + f" in {report.read} records"
     skipped = f"; skipped {report.skipped} bad records, first ones:\n  " + "\n  ".join(report.problems)

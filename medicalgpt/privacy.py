@@ -239,8 +239,9 @@ class Deidentifier:
             candidates += [Span(m.start(), m.end(), "NAME")
                            for m in re.finditer(f"{boundary}{re.escape(name)}{boundary}", text)]
         protected = [m.span() for m in self.protected.finditer(text)] if self.terms else []
-        # Earlier types win an overlap (an ID is not also a phone); within a type, the longer span.
-        priority = {kind: rank for rank, kind in enumerate(PHI_TYPES[1:] + PHI_TYPES[:1])}
+        # The type listed first in PATTERNS wins an overlap (13812345678@qq.com is an email, not a phone); within a
+        # type, the longer span.
+        priority = {kind: rank for rank, kind in enumerate(PATTERNS)}
         chosen: list[Span] = []
         for span in sorted(candidates, key=lambda s: (priority[s.kind], s.start - s.end)):
             if span.end > span.start and not any(span.overlaps(*other) for other in protected) and not any(
@@ -253,10 +254,9 @@ class Deidentifier:
         pieces, last = [], 0
         for span in spans:
             original = text[span.start: span.end]
-            if self.surrogates:
-                replacement = surrogates.setdefault((span.kind, original), surrogate(span.kind, original, self.rng))
-            else:
-                replacement = f"[{span.kind}]"
+            if self.surrogates and (span.kind, original) not in surrogates:
+                surrogates[span.kind, original] = surrogate(span.kind, original, self.rng)
+            replacement = surrogates[span.kind, original] if self.surrogates else f"[{span.kind}]"
             pieces += [text[last: span.start], replacement]
             last = span.end
         return "".join(pieces) + text[last:]

@@ -50,6 +50,12 @@ def test_every_phi_type_is_replaced_and_medical_content_stays(deidentifier, note
     assert "[NAME]" in clean["text"] and "[ADDRESS]" in clean["text"]
 
 
+def test_overlapping_patterns_give_one_span_of_the_right_type(deidentifier):
+    text = "邮箱13812345678@qq.com，住院号：13812345678"
+    assert [(text[s.start: s.end], s.kind) for s in deidentifier.detect(text)] == [
+        ("13812345678@qq.com", "EMAIL"), ("13812345678", "MRN")]
+
+
 def test_resident_id_needs_its_check_digit(deidentifier):
     assert valid_resident_id("11010519491231002X") and not valid_resident_id("110105194912310021")
     assert [s.kind for s in deidentifier.detect("身份证号11010519491231002X")] == ["ID"]
