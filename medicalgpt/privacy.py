@@ -81,6 +81,9 @@ PATTERNS: dict[str, list[re.Pattern]] = {
 }
 TITLES = ("医生", "大夫", "先生", "女士", "小姐", "护士", "主任", "教授", "老师", "阿姨", "师傅")
 NAME_TAGS = ("nr", "nrt", "nrfg")
+# jieba tags unknown transliterated drug names as names (孟鲁司/nr 特); a word right after one of these is a drug.
+MEDICATION_VERBS = ("服用", "口服", "予", "给予", "使用", "应用", "加用", "改用", "换用", "停用", "联用", "注射",
+                    "静滴", "吸入", "外用")
 ADMIN_SUFFIXES = ("省", "自治区", "市", "区", "县", "旗", "镇", "乡", "街道", "路", "街", "大道", "巷", "胡同", "弄")
 
 
@@ -164,7 +167,8 @@ def _chinese_names(tokens: list[tuple[int, int, str, str]]) -> list[Span]:
         name = "".join(token[2] for token in tokens[index:end])
         titled = end < len(tokens) and tokens[end][2].startswith(TITLES)
         sized = 2 <= len(name) <= 4 or (len(name) == 1 and titled)
-        if (_is_surname(name[:2]) or _is_surname(name[0])) and sized and re.fullmatch(f"[{HAN}]+", name):
+        drug = index > 0 and tokens[index - 1][2].endswith(MEDICATION_VERBS)
+        if (_is_surname(name[:2]) or _is_surname(name[0])) and sized and not drug and re.fullmatch(f"[{HAN}]+", name):
             spans.append(Span(start, stop, "NAME"))
         index = end
     return spans

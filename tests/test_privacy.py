@@ -72,6 +72,19 @@ def test_knowledge_table_terms_are_never_masked(deidentifier):
             assert deidentifier.detect(text) == [], text
 
 
+def test_drugs_outside_the_knowledge_table_stay_after_a_medication_verb_or_with_keep_terms(tmp_path, capsys):
+    # jieba tags 孟鲁司/nr 特 (montelukast) as a name: kept after 服用, and anywhere once listed in --keep_terms.
+    notes = write_jsonl(tmp_path / "notes.jsonl", [{"text": "患者王芳服用孟鲁司特。"}, {"text": "孟鲁司特每日一次。"}])
+
+    def output(*flags: str) -> list[str]:
+        deidentify_data.main([str(notes), str(tmp_path / "out.jsonl"), *flags])
+        return [json.loads(line)["text"] for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+
+    assert output() == ["患者[NAME]服用孟鲁司特。", "[NAME]特每日一次。"]
+    (tmp_path / "terms.txt").write_text("孟鲁司特\n", encoding="utf-8")
+    assert output("--keep_terms", str(tmp_path / "terms.txt")) == ["患者[NAME]服用孟鲁司特。", "孟鲁司特每日一次。"]
+
+
 def test_phi_free_medical_corpus_is_left_unchanged(deidentifier):
     lines = list(corpus_lines("data/pretrain/validation,data/sft/validation"))
     assert len(lines) > 300
