@@ -20,8 +20,17 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from convert_dataset import write_lines
-from medicalgpt.data import detect_format, find_data_files, iter_records, to_conversation, to_grpo, to_preference
-from medicalgpt.data.formats import to_rl_prompts, to_text, to_unpaired
+from medicalgpt.data import (
+    detect_format,
+    find_data_files,
+    iter_records,
+    to_conversation,
+    to_grpo,
+    to_preference,
+    to_rl_prompts,
+    to_text,
+    to_unpaired,
+)
 from medicalgpt.data.loading import LoadReport, iter_converted
 from medicalgpt.errors import UsageError, run_cli
 from medicalgpt.privacy import PHI_TYPES, Deidentifier, evaluate_detection

@@ -5,7 +5,7 @@ inserted into the training set a chosen number of times. After training:
 
 - exposure = log2(|candidates|) - log2(rank of the true secret), ranking the secret among candidates (the secret
   plus random 8-digit numbers: the 10^8 space is too large to enumerate, so it is sampled) by the model's
-  likelihood of the whole record. About 1 bit means "not memorised"; log2(|candidates|) means it ranks first.
+  log p(secret | the record up to it). About 1.4 bits is chance; log2(|candidates|) means it ranks first.
 - extraction: prompted with the record up to the secret, how often the model completes it verbatim, greedily and in
   samples at temperature 1.
 
