@@ -78,6 +78,9 @@ class DataArguments:
     skip_bad_records: bool = field(default=False, metadata={
         "help": "Skip malformed records (counted and reported) instead of stopping at the first one."})
     preprocessing_num_workers: int | None = field(default=None, metadata={"help": "Processes for tokenization."})
+    deidentify: bool = field(default=False, metadata={
+        "help": "Replace names, ID numbers, phones, emails, dates, addresses and record numbers in every text field "
+                "with [TYPE] placeholders as records load (the code of deidentify_data.py); medical terms stay."})
 
 
 @dataclass

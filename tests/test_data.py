@@ -28,7 +28,7 @@ ALPACA = {"instruction": "Name the exam.", "input": "Asthma", "output": "Spirome
 def data_args(**overrides) -> SimpleNamespace:
     base = dict(train_file_dir=None, validation_file_dir=None, dataset_name=None, dataset_config_name=None,
                 validation_split_percentage=0.0, max_train_samples=None, max_eval_samples=None,
-                skip_bad_records=False)
+                skip_bad_records=False, deidentify=False)
     return SimpleNamespace(**{**base, **overrides})
 
 

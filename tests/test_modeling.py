@@ -65,7 +65,8 @@ def test_dataset_name_reads_through_datasets(tmp_path):
     (tmp_path / "train.jsonl").write_text(
         '{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}\n' * 3)
     args = SimpleNamespace(dataset_name=str(tmp_path), dataset_config_name=None, skip_bad_records=False,
-                           validation_split_percentage=0, max_train_samples=None, max_eval_samples=None)
+                           validation_split_percentage=0, max_train_samples=None, max_eval_samples=None,
+                           deidentify=False)
     splits = load_splits(args, to_conversation)
     assert len(splits["train"]) == 3 and splits["train"][0]["messages"][1]["content"] == "a"
 

@@ -9,6 +9,7 @@ from datasets import Dataset, DatasetDict
 from medicalgpt.data.formats import detect_format
 from medicalgpt.data.readers import find_data_files, iter_records
 from medicalgpt.errors import DataError
+from medicalgpt.privacy import DeidentifyingConverter
 
 logger = logging.getLogger(__name__)
 Converter = Callable[[object], dict]
@@ -97,6 +98,8 @@ def _report(report: LoadReport) -> None:
 def load_splits(data_args, convert: Converter, seed: int = 42) -> DatasetDict:
     """Normalised 'train' and (when there is one) 'validation' splits from files or a hub dataset."""
     report = LoadReport()
+    if data_args.deidentify:
+        convert = DeidentifyingConverter(convert)
     if data_args.dataset_name:
         splits = _read_hub(data_args, convert, report)
         train, validation = splits.get("train", []), splits.get("validation", [])
@@ -107,6 +110,8 @@ def load_splits(data_args, convert: Converter, seed: int = 42) -> DatasetDict:
     else:
         raise DataError("no training data: pass --train_file_dir (files or directories) or --dataset_name")
     _report(report)
+    if data_args.deidentify:
+        logger.info("De-identified (--deidentify): %s", convert.summary())
     if not train:
         raise DataError(f"the training set is empty ({report.skipped} records skipped as bad)")
     if not validation:
