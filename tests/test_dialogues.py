@@ -222,9 +222,10 @@ def test_openai_messages_output_nurse_personas_and_a_doctor_that_ends_the_consul
     assert {p for p in stub.system_prompts if "患者资料" not in p} <= {n["system_prompt"] for n in nurses}
     # The doctor's "Advice 1 on: ..." holds the end marker: kept up to the marker, and the dialogue ends there.
     assert summary.kept == 2
-    assert [r["messages"] for r in read_jsonl(output)] == [
-        [{"role": "user", "content": f"{p.system_prompt.splitlines()[-1]} complaint 1"},
-         {"role": "assistant", "content": "Advice 1"}] for p in read_personas(str(personas))]
+    written = sorted(json.dumps(r["messages"], ensure_ascii=False) for r in read_jsonl(output))  # in finishing order
+    assert written == sorted(json.dumps([{"role": "user", "content": f"{p.system_prompt.splitlines()[-1]} complaint 1"},
+                                         {"role": "assistant", "content": "Advice 1"}], ensure_ascii=False)
+                             for p in read_personas(str(personas)))
     assert summary.roles["doctor"]["prompt_tokens"] == 20 and summary.roles["patient"]["requests"] == 2
 
 
