@@ -11,7 +11,7 @@ tokenizer: otherwise use offline distillation (teacher answers from inference.py
         --teacher_model_name_or_path outputs-sft-merged --train_file_dir data/sft/train --output_dir outputs-distill
 """
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import medicalgpt.quiet  # noqa: F401  (before the libraries: it filters what they print on import)
 
@@ -40,9 +40,9 @@ def teacher_model_args(model_args: ModelArguments, training_args: DistillationCo
                        teacher_args: TeacherArguments) -> ModelArguments:
     if not training_args.teacher_model_name_or_path:
         raise UsageError("--teacher_model_name_or_path is required: the model whose distributions the student learns")
-    teacher = ModelArguments(**{**vars(model_args), "model_name_or_path": training_args.teacher_model_name_or_path,
-                                "tokenizer_name_or_path": None, "load_in_4bit": teacher_args.teacher_load_in_4bit,
-                                "load_in_8bit": teacher_args.teacher_load_in_8bit})
+    teacher = replace(model_args, model_name_or_path=training_args.teacher_model_name_or_path,
+                      tokenizer_name_or_path=None, load_in_4bit=teacher_args.teacher_load_in_4bit,
+                      load_in_8bit=teacher_args.teacher_load_in_8bit)
     check_model_args(teacher)
     return teacher
 

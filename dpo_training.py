@@ -9,7 +9,7 @@ reference once before training.
         --validation_file_dir data/preference/validation --output_dir outputs-dpo --beta 0.1
 """
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import medicalgpt.quiet  # noqa: F401  (before the libraries: it filters what they print on import)
 
@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> dict:
     model, tokenizer, splits = load_preference_inputs(model_args, lora_args, data_args, training_args)
     ref_model = None
     if ref_args.ref_model:
-        ref_model = load_model(ModelArguments(**{**vars(model_args), "model_name_or_path": ref_args.ref_model}))
+        ref_model = load_model(replace(model_args, model_name_or_path=ref_args.ref_model))
 
     trainer = TokenizedDPOTrainer(model=model, ref_model=ref_model, args=training_args, processing_class=tokenizer,
                                   train_dataset=splits["train"], eval_dataset=splits.get("validation"))

@@ -20,7 +20,7 @@ Each run appends {"name", "metrics", "samples"} to --results_file (JSON lines) a
 """
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from medicalgpt.args import DataArguments, ModelArguments, parse_args
@@ -152,7 +152,7 @@ def preference_metrics(model, model_args, tokenizer, template, args: EvalArgumen
         return {f"rm_{k}": v for k, v in reward_model_accuracy(reward_model, pairs, tokenizer.pad_token_id).items()}
     metrics = {"preference_accuracy": preference_accuracy(model, pairs, args.batch_size)["accuracy"]}
     if args.implicit_reward:
-        reference = load_model(ModelArguments(**{**vars(model_args), "model_name_or_path": args.ref_model})).eval() \
+        reference = load_model(replace(model_args, model_name_or_path=args.ref_model)).eval() \
             if args.ref_model else "adapter"
         result = preference_accuracy(model, pairs, args.batch_size, reference)
         metrics.update(implicit_reward_accuracy=result["accuracy"], implicit_reward_margin=result["margin"])
@@ -170,7 +170,7 @@ def sample_answers(model, tokenizer, template, args: EvalArguments) -> list[dict
 
 def distance_from_teacher(model, model_args, tokenizer, template, args: EvalArguments) -> float:
     """Mean per-token KL(teacher || model) on the reference answers of --kl_file's conversations."""
-    teacher = load_model(ModelArguments(**{**vars(model_args), "model_name_or_path": args.teacher_model})).eval()
+    teacher = load_model(replace(model_args, model_name_or_path=args.teacher_model)).eval()
     pairs = [prompt_and_response(tokenizer, template, c["messages"][:-1], None, c["messages"][-1]["content"])
              for c in _records(args.kl_file, to_conversation)]
     return teacher_kl(model, teacher, pairs, args.batch_size)

@@ -1,5 +1,6 @@
 """The locked install: requirements.lock, requirements.txt's ranges and the Makefile agree, and tools/deps.py works."""
 
+import importlib.util
 import re
 import subprocess
 import sys
@@ -10,15 +11,13 @@ from packaging.requirements import Requirement
 ROOT = Path(__file__).resolve().parents[1]
 LOCK = ROOT / "requirements.lock"
 DEPS = [sys.executable, str(ROOT / "tools" / "deps.py")]
+_spec = importlib.util.spec_from_file_location("deps", ROOT / "tools" / "deps.py")
+deps = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(deps)
 
 
 def locked() -> dict[str, str]:
-    pins = {}
-    for line in LOCK.read_text().splitlines():
-        if line and not line.startswith("#"):
-            name, version = line.split("==")
-            pins[re.sub(r"[-_.]+", "-", name).lower()] = version
-    return pins
+    return deps.read_lock(LOCK)
 
 
 def requirements(name: str) -> list[Requirement]:
@@ -30,7 +29,7 @@ def test_lock_pins_every_requirement_within_its_range_and_caps_are_the_locked_ve
     pins = locked()
     assert "torch" in pins and "+" not in pins["torch"]  # the release, not a local build label
     for requirement in requirements("requirements.txt") + requirements("requirements-dev.txt"):
-        version = pins[re.sub(r"[-_.]+", "-", requirement.name).lower()]
+        version = pins[deps.normalise(requirement.name)]
         assert requirement.specifier.contains(version), (requirement, version)
         caps = [spec.version for spec in requirement.specifier if spec.operator == "<="]
         assert caps in ([], [version]), f"{requirement}: cap is not the locked {version} (python tools/deps.py caps)"
