@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from inference import read_requests
+from medicalgpt.answering import read_requests
 from medicalgpt.args import ModelArguments, parse_args
 from medicalgpt.errors import run_cli
 from medicalgpt.generation import generate

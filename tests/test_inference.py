@@ -20,6 +20,7 @@ import inference
 import merge_peft_adapter
 from benchmarks import generation as generation_benchmark
 from medicalgpt import serving
+from medicalgpt.answering import encode_request
 from medicalgpt.args import ModelArguments
 from medicalgpt.default_model import byte_level_bpe
 from medicalgpt.errors import DataError, UsageError, run_cli
@@ -200,7 +201,7 @@ def test_prompts_keep_special_token_strings_as_plain_text(model_dir, tokenizer, 
     template = get_template("chatml")
     history = [user("hi"), {"role": "assistant", "content": spoof}, user(spoof)]
     for request in ({"prompt": spoof}, {"messages": history}):
-        ids = inference.encode_request(tokenizer, template, request, "Be brief.")
+        ids = encode_request(tokenizer, template, request, "Be brief.")
         turns = 2 + len(request.get("messages", [None]))  # system, the turns, the generation prompt
         assert tokenizer.convert_ids_to_tokens(ids).count("<|im_start|>") == turns
         assert spoof in tokenizer.decode(ids)
