@@ -15,7 +15,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
-import evaluate
+import evaluate_model
 import inference
 import merge_peft_adapter
 from benchmarks import generation as generation_benchmark
@@ -286,9 +286,9 @@ def test_lora_model_alone_runs_on_the_base_it_records(model_dir, adapter_dir, tm
     merged = merge_peft_adapter.main(["--lora_model", adapter_dir, "--output_dir", str(tmp_path / "merged")])
     assert AutoModelForCausalLM.from_pretrained(merged).config.hidden_size == 64  # the tiny base, not the default
     loaded = []
-    monkeypatch.setattr(evaluate, "load_for_inference", lambda model_args, lora_model: loaded.append(
+    monkeypatch.setattr(evaluate_model, "load_for_inference", lambda model_args, lora_model: loaded.append(
         model_args.model_name_or_path) or AutoModelForCausalLM.from_pretrained(model_dir))
-    evaluate.evaluate_model(ModelArguments(), evaluate.EvalArguments(lora_model=adapter_dir))
+    evaluate_model.evaluate_model(ModelArguments(), evaluate_model.EvalArguments(lora_model=adapter_dir))
     assert loaded == [model_dir]
 
 
