@@ -182,7 +182,7 @@ def parse_args(dataclass_types: tuple[type, ...], args: list[str] | None = None,
 
 
 def flag_reference(dataclass_type: type) -> str:
-    """A Markdown table of the flags a dataclass adds to its bases (the README's flag reference)."""
+    """A Markdown table of the flags a dataclass adds to its bases (docs/flags.md)."""
     inherited = {f.name for base in dataclass_type.__bases__ if is_dataclass(base) for f in fields(base)}
     rows = ["| flag | default | what it does |", "|---|---|---|"]
     for f in (f for f in fields(dataclass_type) if f.name not in inherited):
@@ -193,7 +193,7 @@ def flag_reference(dataclass_type: type) -> str:
 
 
 def flag_reference_markdown() -> str:
-    """The flag reference of every shared argument group, as the README shows it."""
+    """The flag reference of every shared argument group, as docs/flags.md shows it."""
     groups = (ModelArguments, LoraArguments, DataArguments, PretrainDataArguments, ChatDataArguments,
               SFTDataArguments, PreferenceDataArguments, RunArguments)
     return "\n\n".join(f"#### {group.__name__}\n\n{flag_reference(group)}" for group in groups)
