@@ -54,15 +54,14 @@ from medicalgpt.modeling import (
     with_adapter_base,
 )
 from medicalgpt.report import markdown
-from medicalgpt.rewards import choice_accuracy, load_reward_functions
+from medicalgpt.rewards import choice_accuracy, load_reward_functions, reward_funcs_field
+from medicalgpt.serving import AdapterArguments
 from medicalgpt.templates import resolve_template
 
 
 @dataclass
-class EvalArguments:
+class EvalArguments(AdapterArguments):
     name: str = field(default="model", metadata={"help": "Row label in the results table."})
-    lora_model: str | None = field(default=None, metadata={"help": "A LoRA adapter to apply to the model."})
-    template_name: str | None = field(default=None, metadata={"help": "Chat template; default: the tokenizer's."})
     perplexity_files: str | None = field(default=None, metadata={"help": "Text files/dirs for perplexity."})
     block_size: int = field(default=256, metadata={"help": "Tokens per perplexity window."})
     mcq_file: str | None = field(default=None, metadata={
@@ -76,7 +75,7 @@ class EvalArguments:
     ref_model: str | None = field(default=None, metadata={"help": "Reference model for --implicit_reward."})
     reward_model: str | None = field(default=None, metadata={"help": "Score pairs with this reward model instead."})
     answer_file: str | None = field(default=None, metadata={"help": "Questions with verifiable answers (GRPO format)."})
-    reward_funcs: str = field(default="answer_accuracy", metadata={"help": "Reward functions for --answer_file."})
+    reward_funcs: str = reward_funcs_field("answer_accuracy", "scored on --answer_file")
     questions_file: str | None = field(default=None, metadata={
         "help": "Conversation files/dirs: the model answers each last user turn; the reference is printed beside."})
     num_questions: int = field(default=5, metadata={"help": "Sample answers to print from --questions_file."})

@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> None:
     check_mode(args)
     requests = read_requests(args.data_file) if args.data_file else None  # bad data fails before loading a model
     set_seed(args.seed)
-    chat_model = load_chat_model(model_args, args)  # args carries lora_model and template_name, as ServeArguments
+    chat_model = load_chat_model(model_args, args)  # InferenceArguments are AdapterArguments
     model, tokenizer, template = chat_model.model, chat_model.tokenizer, chat_model.template
     if args.prompt is not None:
         print(answer(model, tokenizer, template, [{"prompt": args.prompt}], args, gen_args, False)[0]["response"])

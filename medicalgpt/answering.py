@@ -11,14 +11,11 @@ from medicalgpt.data.loading import LoadReport, convert_records
 from medicalgpt.data.readers import find_data_files, iter_records
 from medicalgpt.errors import UsageError
 from medicalgpt.generation import generate
-from medicalgpt.serving import BaseModelArguments
+from medicalgpt.serving import AdapterArguments, BaseModelArguments
 
 
 @dataclass
-class InferenceArguments:
-    lora_model: str | None = field(default=None, metadata={"help": "A LoRA adapter to apply to the base model."})
-    template_name: str | None = field(default=None, metadata={
-        "help": "Built-in chat template (chatml, qwen, llama3, ...). Default: the tokenizer's own template."})
+class InferenceArguments(AdapterArguments):
     system_prompt: str | None = field(default=None, metadata={
         "help": "System prompt for conversations that do not bring their own."})
     prompt: str | None = field(default=None, metadata={"help": "Mode 1: answer this prompt and print the answer."})

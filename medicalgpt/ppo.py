@@ -24,6 +24,7 @@ from medicalgpt.modeling import (
     set_stop_tokens,
 )
 from medicalgpt.plotting import plot_metrics
+from medicalgpt.rewards import reward_funcs_field
 
 logger = logging.getLogger("medicalgpt.ppo")
 
@@ -33,9 +34,7 @@ class PPOArguments:
     output_dir: str = field(default="outputs-ppo")
     reward_model: str | None = field(default=None, metadata={
         "help": "Reward model from reward_modeling.py: a merged directory or a LoRA adapter directory."})
-    reward_funcs: str | None = field(default=None, metadata={
-        "help": "Comma-separated reward functions (names from medicalgpt.rewards, or module:function), added to "
-                "the reward model's score."})
+    reward_funcs: str | None = reward_funcs_field(None, "added to the reward model's score")
     value_model: str = field(default="head", metadata={
         "help": "head: a value head on the policy's backbone; critic: a separate model initialised from the "
                 "reward model.", "choices": ["head", "critic"]})

@@ -56,7 +56,8 @@ def test_every_quoted_command_names_an_existing_script_and_flags_it_accepts(caps
         if not ours:
             sets_variables = words[0] == "export" and all("=" in word for word in words[1:])
             installs = words[0] == "pip" or words[:3] == ["python3", "-m", "venv"]  # docs/install.md
-            assert words[0] == "make" or installs or sets_variables, f"a quoted command that is not checked: {' '.join(words)}"
+            assert words[0] == "make" or installs or sets_variables, \
+                f"a quoted command that is not checked: {' '.join(words)}"
             continue
         if ours[0] == "vllm_deployment.sh":  # its flags are vLLM's
             continue

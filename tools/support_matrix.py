@@ -7,7 +7,7 @@ layers, one DPO step, one reward-model step on a sequence-classification head (w
 adapter merge and reload, and greedy generation from the merged model and from base + adapter.
 tests/test_model_families.py runs the same matrix and checks that docs/models.md shows its results.
 
-    python -m tools.support_matrix    # runs the matrix (half a minute on a CPU) and rewrites the table in docs/models.md
+    python -m tools.support_matrix    # runs the matrix (half a minute on a CPU), rewrites docs/models.md's table
 """
 
 import contextlib
