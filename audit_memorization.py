@@ -17,10 +17,10 @@ from pathlib import Path
 
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-import pretraining
 from medicalgpt.data.corpus import corpus_lines
 from medicalgpt.errors import UsageError, run_cli
 from medicalgpt.memorization import audit, make_canaries, summarise, training_lines
+from tools.scripts import script_main
 
 
 def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
@@ -55,7 +55,7 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
 def train(args: argparse.Namespace, train_file: Path, run_dir: Path, deidentify: bool) -> None:
     """Full fine-tuning through the pretraining stage (so --deidentify takes the stages' own path)."""
     model = ["--model_name_or_path", args.model_name_or_path] if args.model_name_or_path else []
-    pretraining.main([*model, "--output_dir", str(run_dir), "--train_file_dir", str(train_file),
+    script_main("pretraining")([*model, "--output_dir", str(run_dir), "--train_file_dir", str(train_file),
                       "--validation_split_percentage", "0", "--use_peft", "False", "--max_steps", str(args.max_steps),
                       "--learning_rate", str(args.learning_rate), "--per_device_train_batch_size",
                       str(args.batch_size), "--block_size", str(args.block_size), "--seed", str(args.seed),

@@ -15,7 +15,6 @@ line and field, and the output reads back to the same records.
 import argparse
 import csv
 import json
-import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,6 +23,7 @@ from medicalgpt.data import detect_format, find_data_files, iter_records, to_con
 from medicalgpt.data.loading import LoadReport, iter_converted
 from medicalgpt.data.writers import STYLES, write_conversation, write_preference
 from medicalgpt.errors import DataError, UsageError, run_cli
+from medicalgpt.files import write_lines
 
 TABLE_DELIMITERS = {".csv": ",", ".tsv": "\t"}
 OUTPUT_SUFFIXES = (".jsonl", ".json", ".txt")
@@ -122,24 +122,6 @@ def converted_lines(args: argparse.Namespace, suffix: str, report: LoadReport) -
                                 f"file holds one format (convert {path} separately)")
             output_format = this_format
             yield line
-
-
-def write_lines(lines: Iterator[str], output: Path) -> int:
-    """Write to output.part and rename when complete, so a failed conversion leaves no half-written file."""
-    partial = output.with_name(output.name + ".part")
-    count = 0
-    try:
-        with partial.open("w", encoding="utf-8") as f:
-            f.write("[\n" if output.suffix == ".json" else "")
-            for line in lines:
-                f.write((",\n" if count and output.suffix == ".json" else "") + line)
-                f.write("" if output.suffix == ".json" else "\n")
-                count += 1
-            f.write("\n]\n" if output.suffix == ".json" else "")
-        os.replace(partial, output)
-    finally:
-        partial.unlink(missing_ok=True)
-    return count
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -8,6 +8,8 @@ unless --cpo_alpha > 0); the default sigmoid loss with --cpo_alpha 1 is CPO. TRL
         --output_dir outputs-simpo --loss_type simpo --cpo_alpha 0 --beta 2.0 --simpo_gamma 0.5
 """
 
+from pathlib import Path
+
 import medicalgpt.quiet  # noqa: F401  (before the libraries: it filters what they print on import)
 
 from trl.experimental.cpo import CPOConfig
@@ -22,7 +24,8 @@ from medicalgpt.training import STAGE_DEFAULTS, load_preference_inputs, prepare_
 def main(argv: list[str] | None = None) -> dict:
     model_args, lora_args, data_args, training_args = parse_args(
         (ModelArguments, LoraArguments, PreferenceDataArguments, CPOConfig), argv,
-        defaults={**STAGE_DEFAULTS, "output_dir": "outputs-cpo", "remove_unused_columns": False})
+        defaults=STAGE_DEFAULTS,
+        config=Path(__file__).with_name("configs") / "cpo.yaml")
     check_model_args(model_args, lora_args)
     resume = prepare_run(training_args)
 

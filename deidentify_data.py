@@ -19,7 +19,6 @@ from collections import Counter, deque
 from collections.abc import Iterator
 from pathlib import Path
 
-from convert_dataset import write_lines
 from medicalgpt.data import (
     detect_format,
     find_data_files,
@@ -33,6 +32,7 @@ from medicalgpt.data import (
 )
 from medicalgpt.data.loading import LoadReport, iter_converted
 from medicalgpt.errors import UsageError, run_cli
+from medicalgpt.files import write_lines
 from medicalgpt.privacy import PHI_TYPES, Deidentifier, evaluate_detection
 
 

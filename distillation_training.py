@@ -12,6 +12,7 @@ tokenizer: otherwise use offline distillation (teacher answers from inference.py
 """
 
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import medicalgpt.quiet  # noqa: F401  (before the libraries: it filters what they print on import)
 
@@ -60,8 +61,8 @@ def check_same_tokenizer(student_tokenizer, teacher_args: ModelArguments) -> Non
 def main(argv: list[str] | None = None) -> dict:
     model_args, lora_args, data_args, teacher_args, training_args = parse_args(
         (ModelArguments, LoraArguments, ChatDataArguments, TeacherArguments, DistillationConfig), argv,
-        defaults={**STAGE_DEFAULTS, "output_dir": "outputs-distill", "learning_rate": 1e-5,
-                  "max_completion_length": 256})
+        defaults=STAGE_DEFAULTS,
+        config=Path(__file__).with_name("configs") / "distill.yaml")
     check_model_args(model_args, lora_args)
     teacher_args = teacher_model_args(model_args, training_args, teacher_args)
     resume = prepare_run(training_args)

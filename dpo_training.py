@@ -10,6 +10,7 @@ reference once before training.
 """
 
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import medicalgpt.quiet  # noqa: F401  (before the libraries: it filters what they print on import)
 
@@ -32,7 +33,8 @@ class ReferenceArguments:
 def main(argv: list[str] | None = None) -> dict:
     model_args, lora_args, data_args, ref_args, training_args = parse_args(
         (ModelArguments, LoraArguments, PreferenceDataArguments, ReferenceArguments, DPOConfig), argv,
-        defaults={**STAGE_DEFAULTS, "output_dir": "outputs-dpo", "learning_rate": 5e-6})
+        defaults=STAGE_DEFAULTS,
+        config=Path(__file__).with_name("configs") / "dpo.yaml")
     check_model_args(model_args, lora_args)
     resume = prepare_run(training_args)
 

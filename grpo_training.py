@@ -14,6 +14,7 @@ import functools
 import importlib.util
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import medicalgpt.quiet  # noqa: F401  (before the libraries: it filters what they print on import)
 
@@ -32,20 +33,16 @@ from medicalgpt.modeling import (
     load_tokenizer,
     set_stop_tokens,
 )
-from medicalgpt.rewards import REWARD_FUNCTIONS, THINK_ANSWER_PROMPT, load_reward_functions
+from medicalgpt.rewards import THINK_ANSWER_PROMPT, load_reward_functions, reward_funcs_field
 from medicalgpt.templates import holds_special_tokens
 from medicalgpt.training import STAGE_DEFAULTS, load_chat_inputs, prepare_run, train_and_save
 
 logger = logging.getLogger("medicalgpt")
-# The final evaluation samples --num_generations completions per validation prompt: capped by default, since on a
-# small run it took far longer than training (120 prompts x 4 x 256 tokens: 3.5 of a 3-step run's 4 minutes).
-EVAL_PROMPTS = 32
 
 
 @dataclass
 class RewardArguments:
-    reward_funcs: str = field(default="format_reward,answer_accuracy", metadata={
-        "help": f"Comma-separated reward functions: {', '.join(REWARD_FUNCTIONS)}, or module:function."})
+    reward_funcs: str = reward_funcs_field("format_reward,answer_accuracy", "weighted by --reward_weights")
     # Replaces GRPOConfig's space-separated --reward_weights flag (this dataclass comes after it in parse_args).
     reward_weights: str | None = field(default=None, metadata={
         "help": "Comma-separated weights, one per reward function (then --reward_model). Default: all 1.0."})
@@ -60,8 +57,7 @@ def parse_grpo_args(argv: list[str] | None) -> tuple:
     """Our argument groups and GRPOConfig (its own checks, e.g. batch divisible by --num_generations, come out
     as one-line usage errors from parse_args)."""
     return parse_args((ModelArguments, LoraArguments, ChatDataArguments, GRPOConfig, RewardArguments), argv,
-                      defaults={**STAGE_DEFAULTS, "output_dir": "outputs-grpo", "learning_rate": 1e-5,
-                                "max_eval_samples": EVAL_PROMPTS})
+                      defaults=STAGE_DEFAULTS, config=Path(__file__).with_name("configs") / "grpo.yaml")
 
 
 def check_vllm(training_args: GRPOConfig) -> None:

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 from transformers import set_seed
 
-from inference import answer, check_batch_args, parse_inference_args, read_requests, write_rows
+from medicalgpt.answering import answer, check_batch_args, parse_inference_args, read_requests, write_rows
 from medicalgpt.errors import UsageError, run_cli
 from medicalgpt.serving import load_chat_model
 

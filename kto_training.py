@@ -8,6 +8,8 @@ LoRA adapter disabled, or a frozen copy under full fine-tuning.
         --validation_file_dir data/preference/validation --output_dir outputs-kto
 """
 
+from pathlib import Path
+
 import medicalgpt.quiet  # noqa: F401  (before the libraries: it filters what they print on import)
 
 from trl import KTOConfig
@@ -23,7 +25,8 @@ from medicalgpt.training import STAGE_DEFAULTS, load_preference_inputs, prepare_
 def main(argv: list[str] | None = None) -> dict:
     model_args, lora_args, data_args, training_args = parse_args(
         (ModelArguments, LoraArguments, PreferenceDataArguments, KTOConfig), argv,
-        defaults={**STAGE_DEFAULTS, "output_dir": "outputs-kto", "learning_rate": 5e-6})
+        defaults=STAGE_DEFAULTS,
+        config=Path(__file__).with_name("configs") / "kto.yaml")
     check_model_args(model_args, lora_args)
     resume = prepare_run(training_args)
 

@@ -7,6 +7,8 @@ from the length-normalised answer probability; λ is --beta. TRL's ORPOTrainer (
         --validation_file_dir data/preference/validation --output_dir outputs-orpo --beta 0.1
 """
 
+from pathlib import Path
+
 import medicalgpt.quiet  # noqa: F401  (before the libraries: it filters what they print on import)
 
 from trl.experimental.orpo import ORPOConfig
@@ -21,7 +23,8 @@ from medicalgpt.training import STAGE_DEFAULTS, load_preference_inputs, prepare_
 def main(argv: list[str] | None = None) -> dict:
     model_args, lora_args, data_args, training_args = parse_args(
         (ModelArguments, LoraArguments, PreferenceDataArguments, ORPOConfig), argv,
-        defaults={**STAGE_DEFAULTS, "output_dir": "outputs-orpo", "remove_unused_columns": False})
+        defaults=STAGE_DEFAULTS,
+        config=Path(__file__).with_name("configs") / "orpo.yaml")
     check_model_args(model_args, lora_args)
     resume = prepare_run(training_args)
 

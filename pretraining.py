@@ -7,6 +7,8 @@ perplexity is reported. LoRA by default; --use_peft False trains every weight.
         --output_dir outputs-pt --num_train_epochs 1
 """
 
+from pathlib import Path
+
 import medicalgpt.quiet  # noqa: F401  (before the libraries: it filters what they print on import)
 
 from transformers import Trainer, TrainingArguments
@@ -22,7 +24,8 @@ from medicalgpt.training import STAGE_DEFAULTS, prepare_run, train_and_save
 def main(argv: list[str] | None = None) -> dict:
     model_args, lora_args, data_args, training_args = parse_args(
         (ModelArguments, LoraArguments, PretrainDataArguments, TrainingArguments), argv,
-        defaults={**STAGE_DEFAULTS, "output_dir": "outputs-pt"})
+        defaults=STAGE_DEFAULTS,
+        config=Path(__file__).with_name("configs") / "pt.yaml")
     check_model_args(model_args, lora_args)
     resume = prepare_run(training_args)
 

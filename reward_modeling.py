@@ -8,6 +8,8 @@ with the adapter; merge it with merge_peft_adapter.py for PPO/GRPO.
         --validation_file_dir data/preference/validation --output_dir outputs-rm
 """
 
+from pathlib import Path
+
 import medicalgpt.quiet  # noqa: F401  (before the libraries: it filters what they print on import)
 
 from transformers import AutoModelForSequenceClassification
@@ -28,7 +30,8 @@ def full_sequences(example: dict) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     model_args, lora_args, data_args, training_args = parse_args(
         (ModelArguments, LoraArguments, PreferenceDataArguments, RewardConfig), argv,
-        defaults={**STAGE_DEFAULTS, "output_dir": "outputs-rm", "learning_rate": 2e-5})
+        defaults=STAGE_DEFAULTS,
+        config=Path(__file__).with_name("configs") / "rm.yaml")
     check_model_args(model_args, lora_args)
     check_model_class(model_args, AutoModelForSequenceClassification)
     resume = prepare_run(training_args)

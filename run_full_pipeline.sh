@@ -27,7 +27,7 @@ RESULTS=$OUT/results.jsonl
 
 START=$SECONDS
 stage() { printf '\n==> [%4ds] %s\n' $((SECONDS - START)) "$*"; }
-evaluate() { python evaluate.py --results_file "$RESULTS" "${EVAL[@]}" "$@" 2>&1 | tail -n 1; }  # its table row
+evaluate() { python evaluate_model.py --results_file "$RESULTS" "${EVAL[@]}" "$@" 2>&1 | tail -n 1; }  # its table row
 rm -rf "$OUT" && mkdir -p "$OUT"
 
 stage "Build the embedded default model ($MODEL_SIZE)"

@@ -9,6 +9,8 @@ attend to each other (position ids restart per sample; works with sdpa on CPU an
         --output_dir outputs-sft --num_train_epochs 3
 """
 
+from pathlib import Path
+
 import medicalgpt.quiet  # noqa: F401  (before the libraries: it filters what they print on import)
 
 from trl import SFTConfig
@@ -25,7 +27,8 @@ from medicalgpt.training import STAGE_DEFAULTS, load_chat_inputs, prepare_run, t
 def main(argv: list[str] | None = None) -> dict:
     model_args, lora_args, data_args, training_args = parse_args(
         (ModelArguments, LoraArguments, SFTDataArguments, SFTConfig), argv,
-        defaults={**STAGE_DEFAULTS, "output_dir": "outputs-sft", "max_length": 512})
+        defaults=STAGE_DEFAULTS,
+        config=Path(__file__).with_name("configs") / "sft.yaml")
     check_model_args(model_args, lora_args)
     resume = prepare_run(training_args)
 

@@ -1,5 +1,5 @@
 """Generation throughput: one prompt at a time vs left-padded batches, through medicalgpt.generation.generate
-(the path inference.py, evaluate.py and the servers use), with greedy decoding.
+(the path inference.py, evaluate_model.py and the servers use), with greedy decoding.
 
 EOS is switched off here, so every prompt generates exactly --max_new_tokens tokens and the rows compare
 equal work. Prints a table and writes JSON (default benchmarks/results/generation.json).
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from inference import read_requests
+from medicalgpt.answering import read_requests
 from medicalgpt.args import ModelArguments, parse_args
 from medicalgpt.errors import run_cli
 from medicalgpt.generation import generate

@@ -19,7 +19,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from inference import read_requests
+from medicalgpt.answering import read_requests
 from medicalgpt.args import parse_args
 from medicalgpt.errors import run_cli
 

@@ -8,7 +8,6 @@ Each run is its own process, so its peak memory (resident set on a CPU, allocate
     python -m benchmarks.training supervised_finetuning OUT.json -- --max_steps 8 --packing True ...
 """
 
-import importlib
 import json
 import resource
 import statistics
@@ -135,9 +134,11 @@ def peak_process_mb() -> float:
 
 def train_in_process(stage: str, flags: list[str], profile: bool = False) -> dict:
     """Run `stage`'s main(flags) with the meter attached; its measurements and parameter counts."""
-    module = importlib.import_module(stage)
+    from medicalgpt import training  # the stages' stack: imported only where a stage runs
+    from tools.scripts import script_main
+
     meter, trained = Meter(profile), {}
-    original = module.train_and_save
+    original = training.train_and_save
 
     def measured(trainer, resume, **kwargs):
         trainer.add_callback(meter)
@@ -146,11 +147,11 @@ def train_in_process(stage: str, flags: list[str], profile: bool = False) -> dic
         trained["trainable_parameters"] = model.num_parameters(only_trainable=True)
         return original(trainer, resume, **kwargs)
 
-    module.train_and_save = measured
+    training.train_and_save = measured  # the script binds it when script_main loads the script
     try:
-        module.main(flags)
+        script_main(stage)(flags)
     finally:
-        module.train_and_save = original
+        training.train_and_save = original
     return {**meter.result(), **trained, "peak_mb": peak_process_mb()}
 
 

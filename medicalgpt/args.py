@@ -127,16 +127,20 @@ class RunArguments:
                 "--resume_from_checkpoint) a stage refuses to start there."})
 
 
-def _config_file_defaults(path: str, parser: HfArgumentParser) -> dict[str, Any]:
-    """Values from a JSON/YAML config file; unknown keys are errors."""
+def _config_file_defaults(path: str | Path, parser: HfArgumentParser) -> dict[str, Any]:
+    """Values from a JSON/YAML config file; an unknown key is an error that names the file and the closest key."""
     text = Path(path).read_text(encoding="utf-8")
-    values = json.loads(text) if path.endswith(".json") else yaml.safe_load(text)
+    values = json.loads(text) if str(path).endswith(".json") else yaml.safe_load(text)
+    if values is None:  # an empty YAML file, or one of comments only
+        return {}
     if not isinstance(values, dict):
         parser.error(f"{path}: expected a mapping of argument names to values")
     known = {action.dest for action in parser._actions}
     unknown = sorted(set(values) - known)
     if unknown:
-        parser.error(f"{path}: unknown arguments: {', '.join(unknown)}")
+        hints = [f"{key} (did you mean {match[0]}?)" if (match := difflib.get_close_matches(key, known, n=1))
+                 else key for key in unknown]
+        parser.error(f"{path}: unknown arguments: {', '.join(hints)}")
     return values
 
 
@@ -149,10 +153,11 @@ def closest_flags(unknown: list[str], parser: HfArgumentParser) -> str:
 
 
 def parse_args(dataclass_types: tuple[type, ...], args: list[str] | None = None,
-               defaults: dict[str, Any] | None = None) -> tuple:
+               defaults: dict[str, Any] | None = None, config: str | Path | None = None) -> tuple:
     """Parse CLI flags (optionally after a leading config.json/.yaml) into the given dataclasses.
 
-    Precedence: command-line flags > config file > the stage's defaults > the dataclass defaults.
+    Precedence: command-line flags > the leading config file > the stage's own config (`config`, its
+    configs/<stage>.yaml) > `defaults` (values that depend on the machine) > the dataclass defaults.
     """
     # conflict_handler: a field defined twice (trust_remote_code in ours and in TRL's configs) becomes one flag
     # whose value fills both dataclasses.
@@ -161,6 +166,8 @@ def parse_args(dataclass_types: tuple[type, ...], args: list[str] | None = None,
     parser = HfArgumentParser(parsed_types, allow_abbrev=False, conflict_handler="resolve")
     known = {f.name for dataclass_type in parsed_types for f in fields(dataclass_type)}
     parser.set_defaults(**{k: v for k, v in (defaults or {}).items() if k in known})
+    if config is not None:
+        parser.set_defaults(**_config_file_defaults(config, parser))
     argv = list(sys.argv[1:] if args is None else args)
     if argv and argv[0].endswith((".json", ".yaml", ".yml")):
         parser.set_defaults(**_config_file_defaults(argv.pop(0), parser))
@@ -182,7 +189,7 @@ def parse_args(dataclass_types: tuple[type, ...], args: list[str] | None = None,
 
 
 def flag_reference(dataclass_type: type) -> str:
-    """A Markdown table of the flags a dataclass adds to its bases (the README's flag reference)."""
+    """A Markdown table of the flags a dataclass adds to its bases (docs/flags.md)."""
     inherited = {f.name for base in dataclass_type.__bases__ if is_dataclass(base) for f in fields(base)}
     rows = ["| flag | default | what it does |", "|---|---|---|"]
     for f in (f for f in fields(dataclass_type) if f.name not in inherited):
@@ -193,7 +200,7 @@ def flag_reference(dataclass_type: type) -> str:
 
 
 def flag_reference_markdown() -> str:
-    """The flag reference of every shared argument group, as the README shows it."""
+    """The flag reference of every shared argument group, as docs/flags.md shows it."""
     groups = (ModelArguments, LoraArguments, DataArguments, PretrainDataArguments, ChatDataArguments,
               SFTDataArguments, PreferenceDataArguments, RunArguments)
     return "\n\n".join(f"#### {group.__name__}\n\n{flag_reference(group)}" for group in groups)

@@ -17,6 +17,8 @@ import importlib
 import re
 import unicodedata
 from collections.abc import Callable
+from dataclasses import field
+from typing import Any
 
 from medicalgpt.errors import UsageError
 
@@ -220,3 +222,9 @@ def load_reward_functions(names: list[str]) -> list[Callable[..., list]]:
             raise UsageError(f"--reward_funcs {name}: unknown reward function; use one of "
                              f"{', '.join(REWARD_FUNCTIONS)} or module:function")
     return functions
+
+
+def reward_funcs_field(default: str | None, role: str) -> Any:
+    """The --reward_funcs flag, declared once for GRPO, PPO and evaluation, which differ in its default and role."""
+    return field(default=default, metadata={"help": f"Comma-separated reward functions: {', '.join(REWARD_FUNCTIONS)}, "
+                                                    f"or module:function; {role}."})

@@ -27,9 +27,16 @@ class BaseModelArguments(ModelArguments):
 
 
 @dataclass
-class ServeArguments:
+class AdapterArguments:
+    """The adapter and chat template of a model that answers: declared once for serving, inference, evaluation."""
+
     lora_model: str | None = field(default=None, metadata={"help": "A LoRA adapter to apply to the base model."})
-    template_name: str | None = field(default=None, metadata={"help": "Chat template; default: the tokenizer's."})
+    template_name: str | None = field(default=None, metadata={
+        "help": "Built-in chat template (chatml, qwen, llama3, ...). Default: the tokenizer's own template."})
+
+
+@dataclass
+class ServeArguments(AdapterArguments):
     max_new_tokens: int = field(default=512, metadata={
         "help": "Completion length when a request does not say (API max_tokens; the demo's slider start)."})
 
@@ -58,7 +65,7 @@ class ChatModel:
             yield from stream_generate(self.model, self.tokenizer, prompt, max_new_tokens, stop=stop, **kwargs)
 
 
-def load_chat_model(model_args: ModelArguments, serve_args: ServeArguments) -> ChatModel:
+def load_chat_model(model_args: ModelArguments, serve_args: AdapterArguments) -> ChatModel:
     """Tokenizer and template first (fast failures), then the model with the template's stop tokens. With a LoRA
     adapter and no base model, the base is the one the adapter records."""
     model_args = with_adapter_base(model_args, serve_args.lora_model)

@@ -266,19 +266,13 @@ def train_and_save(trainer: Trainer, resume_from_checkpoint: str | None, report_
     return metrics
 
 
-# Defaults every stage shares, over the trainers' own: fast on CPU, mixed precision on GPUs that have bf16,
-# TensorBoard logs, and checkpoints that --resume_from_checkpoint auto can pick up.
+# Defaults that depend on the machine, so no config file can hold them: mixed precision on GPUs that have bf16.
+# What the stages set besides lives in configs/<stage>.yaml.
 STAGE_DEFAULTS = {
     "bf16": torch.cuda.is_available() and torch.cuda.is_bf16_supported(),
-    "gradient_checkpointing": None,  # TRL defaults it on; None leaves --activation_checkpointing (off) in charge
     "dataloader_pin_memory": torch.cuda.is_available(),
     # Without it, processes launched by torchrun/accelerate on a CPU-only machine each train alone on all the data.
     "use_cpu": not torch.accelerator.is_available(),
-    "report_to": "tensorboard",
-    "logging_steps": 10,
-    "save_strategy": "steps",
-    "save_steps": 500,
-    "save_total_limit": 3,
 }
 
 

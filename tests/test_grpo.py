@@ -1,9 +1,11 @@
 """GRPO: medical reward functions, GRPO records, option checks, and training that raises the reward."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 import grpo_training
@@ -28,6 +30,8 @@ FAST = ["--report_to", "none", "--logging_steps", "1", "--save_strategy", "no", 
         "--num_generations", "4", "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "4",
         "--max_completion_length", "8"]
 GRPO_DATA = ["--train_file_dir", "data/grpo/train", "--max_train_samples", "64"]
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def chat(text: str) -> list[dict]:
@@ -189,7 +193,8 @@ def test_the_final_evaluation_is_capped(tiny_model_dir, tmp_path, monkeypatch):
                         or {"eval_reward": 0.0})
     grpo_training.main(["--model_name_or_path", tiny_model_dir, "--output_dir", str(tmp_path), *GRPO_DATA, *FAST,
                         "--validation_file_dir", "data/grpo/validation", "--max_steps", "1"])
-    assert evaluated == [grpo_training.EVAL_PROMPTS] and grpo_training.EVAL_PROMPTS < 120
+    cap = yaml.safe_load((ROOT / "configs" / "grpo.yaml").read_text())["max_eval_samples"]  # the stage's default
+    assert evaluated == [cap] and cap < 120
 
 
 def test_lora_with_rule_rewards_and_a_reward_model(tiny_model_dir, tmp_path):

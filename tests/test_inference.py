@@ -15,11 +15,12 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
-import evaluate
+import evaluate_model
 import inference
 import merge_peft_adapter
 from benchmarks import generation as generation_benchmark
 from medicalgpt import serving
+from medicalgpt.answering import encode_request
 from medicalgpt.args import ModelArguments
 from medicalgpt.default_model import byte_level_bpe
 from medicalgpt.errors import DataError, UsageError, run_cli
@@ -200,7 +201,7 @@ def test_prompts_keep_special_token_strings_as_plain_text(model_dir, tokenizer, 
     template = get_template("chatml")
     history = [user("hi"), {"role": "assistant", "content": spoof}, user(spoof)]
     for request in ({"prompt": spoof}, {"messages": history}):
-        ids = inference.encode_request(tokenizer, template, request, "Be brief.")
+        ids = encode_request(tokenizer, template, request, "Be brief.")
         turns = 2 + len(request.get("messages", [None]))  # system, the turns, the generation prompt
         assert tokenizer.convert_ids_to_tokens(ids).count("<|im_start|>") == turns
         assert spoof in tokenizer.decode(ids)
@@ -285,9 +286,9 @@ def test_lora_model_alone_runs_on_the_base_it_records(model_dir, adapter_dir, tm
     merged = merge_peft_adapter.main(["--lora_model", adapter_dir, "--output_dir", str(tmp_path / "merged")])
     assert AutoModelForCausalLM.from_pretrained(merged).config.hidden_size == 64  # the tiny base, not the default
     loaded = []
-    monkeypatch.setattr(evaluate, "load_for_inference", lambda model_args, lora_model: loaded.append(
+    monkeypatch.setattr(evaluate_model, "load_for_inference", lambda model_args, lora_model: loaded.append(
         model_args.model_name_or_path) or AutoModelForCausalLM.from_pretrained(model_dir))
-    evaluate.evaluate_model(ModelArguments(), evaluate.EvalArguments(lora_model=adapter_dir))
+    evaluate_model.evaluate_model(ModelArguments(), evaluate_model.EvalArguments(lora_model=adapter_dir))
     assert loaded == [model_dir]
 
 

@@ -88,3 +88,21 @@ def test_make_install_refuses_a_python_older_than_the_lock_needs_and_accepts_thi
                             text=True)
     assert result.returncode == 2
     assert "error: the locked set needs Python >= 3.11" in result.stderr
+
+
+def test_the_package_builds_with_every_module_and_chat_template(tmp_path):
+    """`pip install .` installs what the scripts import from medicalgpt/, the chat templates included (built from a
+    copy, so the checkout gets no build/ or .egg-info)."""
+    import shutil
+    import zipfile
+
+    source = tmp_path / "src"
+    shutil.copytree(ROOT / "medicalgpt", source / "medicalgpt", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "pyproject.toml", source)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                    str(tmp_path / "dist"), str(source)], check=True, capture_output=True, timeout=120)
+    (wheel,) = (tmp_path / "dist").glob("medicalgpt-*.whl")
+    packaged = {name for name in zipfile.ZipFile(wheel).namelist() if name.startswith("medicalgpt/")}
+    expected = {path.relative_to(source).as_posix() for path in (source / "medicalgpt").rglob("*")
+                if path.suffix in (".py", ".jinja")}
+    assert "medicalgpt/chat_templates/chatml.jinja" in expected and not expected - packaged

@@ -1,4 +1,4 @@
-"""The support matrix: each causal-LM family through LoRA SFT, DPO, RM, merge + reload and generation (the README's
+"""The support matrix: each causal-LM family through LoRA SFT, DPO, RM, merge + reload and generation (docs/models.md's
 table is that run's result); MoE routers and aux loss; architectures a stage cannot run; remote code; ZeRO-3 configs."""
 
 import json
@@ -16,11 +16,11 @@ from transformers import CONFIG_MAPPING, AutoModelForCausalLM, dynamic_module_ut
 
 import reward_modeling
 import supervised_finetuning
-from medicalgpt import support_matrix
 from medicalgpt.args import LoraArguments, ModelArguments
 from medicalgpt.errors import UsageError, run_cli
 from medicalgpt.modeling import apply_lora, find_linear_modules, load_model
-from medicalgpt.support_matrix import FAMILIES, TINY
+from tools import support_matrix
+from tools.support_matrix import FAMILIES, TINY
 
 REPO = Path(__file__).resolve().parents[1]
 FAMILY = {family.model_type: family for family in FAMILIES}
@@ -44,7 +44,7 @@ NO_CHECKPOINTING = SimpleNamespace(activation_checkpointing=False)
 
 
 class Matrix:
-    """Each family's run, made on first use: one run serves its own test and the README check."""
+    """Each family's run, made on first use: one run serves its own test and the docs/models.md check."""
 
     def __init__(self, tokenizer, workdir: Path):
         self.tokenizer, self.workdir = tokenizer, workdir
@@ -75,10 +75,10 @@ def test_family_passes_every_stage(family, matrix):
     assert result.aux_loss_logged == {"sft": aux, "dpo": aux}
 
 
-def test_readme_table_shows_the_matrix(matrix):
+def test_models_page_shows_the_matrix(matrix):
     table = support_matrix.render_table([matrix.result(family) for family in FAMILIES])
-    readme = (REPO / "README.md").read_text(encoding="utf-8")
-    assert support_matrix.readme_block(readme).strip() == table, "regenerate with: python -m medicalgpt.support_matrix"
+    page = (REPO / "docs" / "models.md").read_text(encoding="utf-8")
+    assert support_matrix.page_block(page).strip() == table, "regenerate with: python -m tools.support_matrix"
 
 
 @pytest.mark.parametrize("model_type, router, config", [

@@ -1,4 +1,4 @@
-"""The main job: evaluate.py's metrics on hand-made cases, the report, and the fast pipeline end to end."""
+"""The main job: evaluate_model.py's metrics on hand-made cases, the report, and the fast pipeline end to end."""
 
 import json
 import math

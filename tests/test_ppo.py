@@ -6,7 +6,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import ppo_training as ppo
+import ppo_training
+from medicalgpt import ppo
+from medicalgpt.errors import UsageError
 from medicalgpt.plotting import metric_series, plot_metrics
 
 # --- math on fixed tensors -------------------------------------------------------------------------------------------
@@ -73,7 +75,7 @@ def han_share(completions, **kwargs) -> list[float]:
 
 
 def run_ppo(model_dir: str, output_dir, *flags: str) -> dict:
-    return ppo.main(["--model_name_or_path", model_dir, "--train_file_dir", "data/sft/validation",
+    return ppo_training.main(["--model_name_or_path", model_dir, "--train_file_dir", "data/sft/validation",
                      "--output_dir", str(output_dir), "--reward_funcs", "tests.test_ppo:han_share",
                      "--batch_size", "8", "--mini_batch_size", "4", "--max_new_tokens", "8",
                      "--missing_eos_penalty", "0", "--report_to", "none", *flags])
@@ -118,15 +120,15 @@ def test_resumed_run_equals_an_uninterrupted_one(tiny_model_dir, tmp_path):
 
 def test_refuses_another_runs_checkpoints_and_needs_a_reward(tiny_model_dir, tmp_path):
     (tmp_path / "checkpoint-3").mkdir()
-    with pytest.raises(ppo.UsageError, match="holds checkpoints of an earlier run"):
+    with pytest.raises(UsageError, match="holds checkpoints of an earlier run"):
         run_ppo(tiny_model_dir, tmp_path, "--max_steps", "1")
-    with pytest.raises(ppo.UsageError, match=r"incomplete checkpoint \(no policy, value_head.pt, optimizer.pt"):
+    with pytest.raises(UsageError, match=r"incomplete checkpoint \(no policy, value_head.pt, optimizer.pt"):
         run_ppo(tiny_model_dir, tmp_path, "--max_steps", "1",
                 "--resume_from_checkpoint", str(tmp_path / "checkpoint-3"))
-    with pytest.raises(ppo.UsageError, match="no such checkpoint directory"):
+    with pytest.raises(UsageError, match="no such checkpoint directory"):
         run_ppo(tiny_model_dir, tmp_path, "--max_steps", "1", "--resume_from_checkpoint", str(tmp_path / "nowhere"))
-    with pytest.raises(ppo.UsageError, match="PPO needs a reward"):
-        ppo.main(["--model_name_or_path", tiny_model_dir, "--train_file_dir", "data/sft/validation"])
+    with pytest.raises(UsageError, match="PPO needs a reward"):
+        ppo_training.main(["--model_name_or_path", tiny_model_dir, "--train_file_dir", "data/sft/validation"])
 
 
 def test_critic_from_the_reward_model(tiny_model_dir, tmp_path):
@@ -135,7 +137,7 @@ def test_critic_from_the_reward_model(tiny_model_dir, tmp_path):
     reward_modeling.main(["--model_name_or_path", tiny_model_dir, "--output_dir", str(tmp_path / "rm"),
                           "--train_file_dir", "data/preference/validation", "--max_steps", "2", "--report_to", "none",
                           "--save_strategy", "no", "--disable_tqdm", "True", "--per_device_train_batch_size", "4"])
-    history = ppo.main(["--model_name_or_path", tiny_model_dir, "--reward_model", str(tmp_path / "rm"),
+    history = ppo_training.main(["--model_name_or_path", tiny_model_dir, "--reward_model", str(tmp_path / "rm"),
                         "--value_model", "critic", "--train_file_dir", "data/sft/validation",
                         "--output_dir", str(tmp_path / "ppo"), "--batch_size", "4", "--mini_batch_size", "2",
                         "--max_new_tokens", "6", "--max_steps", "2", "--report_to", "none"])["history"]

@@ -10,8 +10,8 @@ from transformers import AutoModelForCausalLM
 
 import pretraining
 import supervised_finetuning
-from evaluate import main as evaluate_main
-from evaluate import text_perplexity
+from evaluate_model import main as evaluate_main
+from evaluate_model import text_perplexity
 from medicalgpt.args import LoraArguments, ModelArguments, SFTDataArguments, parse_args
 from medicalgpt.data import build_sft_splits, pack_sft_splits
 from medicalgpt.data.collators import PackedRowsCollator

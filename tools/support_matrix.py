@@ -1,16 +1,16 @@
-"""The model families the stages are verified on, and the README's "Supported models" table built from that run.
+"""The model families the stages are verified on, and the "Supported models" table of docs/models.md
+built from that run.
 
 Each family is a tiny random model made from transformers' own config class (nothing is downloaded) with the
 embedded default tokenizer. It goes through the stage scripts in-process: two steps of LoRA SFT on all linear
 layers, one DPO step, one reward-model step on a sequence-classification head (where the architecture has one),
 adapter merge and reload, and greedy generation from the merged model and from base + adapter.
-tests/test_model_families.py runs the same matrix and checks that the README shows its results.
+tests/test_model_families.py runs the same matrix and checks that docs/models.md shows its results.
 
-    python -m medicalgpt.support_matrix    # runs the matrix (half a minute on a CPU) and rewrites the README table
+    python -m tools.support_matrix    # runs the matrix (half a minute on a CPU), rewrites docs/models.md's table
 """
 
 import contextlib
-import importlib
 import io
 import json
 import logging
@@ -25,10 +25,11 @@ from transformers import CONFIG_MAPPING, AutoModelForCausalLM, AutoModelForSeque
 
 from medicalgpt.errors import UsageError
 from medicalgpt.templates import get_template
+from tools.scripts import script_main
 
 logger = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parents[1]
-README = REPO_ROOT / "README.md"
+MODELS_PAGE = REPO_ROOT / "docs" / "models.md"
 START, END = "<!-- models:start -->\n", "<!-- models:end -->"
 
 # Shared by every family: 2 layers of width 64, head size 32. MoE families add 4 experts, 2 active per token.
@@ -129,7 +130,7 @@ def _logged_aux_loss(output_dir: Path) -> bool:
 
 def _train(stage: str, base: str, output_dir: Path, flags: list[str]) -> None:
     """A stage script's main() on the family's model; its training loss must be a number."""
-    metrics = importlib.import_module(stage).main(
+    metrics = script_main(stage)(
         ["--model_name_or_path", base, "--output_dir", str(output_dir), *FAST, *flags])
     if not math.isfinite(metrics["train_loss"]):
         raise RuntimeError(f"train_loss is {metrics['train_loss']}")
@@ -139,9 +140,7 @@ def _merge_and_reload(base: str, adapter: Path, merged: Path) -> None:
     """The merged model, reloaded without peft, computes what base + adapter computes (and the adapter matters)."""
     from peft import PeftModel
 
-    import merge_peft_adapter
-
-    merge_peft_adapter.main(["--base_model", base, "--lora_model", str(adapter), "--output_dir", str(merged)])
+    script_main("merge_peft_adapter")(["--base_model", base, "--lora_model", str(adapter), "--output_dir", str(merged)])
     ids = torch.tensor([list(range(1, 17))])
     with torch.no_grad():
         tuned = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), adapter).eval()
@@ -159,11 +158,9 @@ def _answer(model_flags: list[str]) -> str:
     The repetition penalty keeps random models with tied embeddings (Gemma) from echoing the prompt's last token, a
     newline, which would leave an empty answer that any broken path could match.
     """
-    import inference
-
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
-        inference.main([*model_flags, "--prompt", PROMPT, "--temperature", "0", "--max_new_tokens", "6",
+        script_main("inference")([*model_flags, "--prompt", PROMPT, "--temperature", "0", "--max_new_tokens", "6",
                         "--repetition_penalty", "2"])
     return printed.getvalue().splitlines()[-1]
 
@@ -247,7 +244,7 @@ def _code(text: str | None) -> str:
 
 
 def render_table(results: list[FamilyResult]) -> str:
-    """The README block: a row per family with the stages it passed, then the families supported by template."""
+    """The docs/models.md block: a row per family with the stages it passed, then the families supported by template."""
     header = ("family", "`model_type`", "SFT (LoRA)", "DPO", "RM", "merge + reload", "generate", "LoRA `all` targets",
               "router aux loss", "ZeRO-3 leaf module", "`--template_name`", "needs")
     rows = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
@@ -262,9 +259,9 @@ def render_table(results: list[FamilyResult]) -> str:
     return "\n".join(rows)
 
 
-def readme_block(readme: str) -> str:
-    """The generated table as the README holds it now."""
-    return readme.split(START, 1)[1].split(END, 1)[0]
+def page_block(page: str) -> str:
+    """The generated table as docs/models.md holds it now."""
+    return page.split(START, 1)[1].split(END, 1)[0]
 
 
 def run_matrix(workdir: Path) -> list[FamilyResult]:
@@ -278,11 +275,11 @@ def main() -> None:
     torch.set_num_threads(1)  # the tiny models are faster on one thread than contending for two
     with tempfile.TemporaryDirectory() as workdir:
         results = run_matrix(Path(workdir))
-    readme = README.read_text(encoding="utf-8")
-    README.write_text(readme.replace(START + readme_block(readme), START + render_table(results) + "\n"),
+    page = MODELS_PAGE.read_text(encoding="utf-8")
+    MODELS_PAGE.write_text(page.replace(START + page_block(page), START + render_table(results) + "\n"),
                       encoding="utf-8")
     failed = {r.family.name: r.stages for r in results if not r.passed}
-    print(f"Wrote the table of {len(results)} families to {README}; failed: {failed or 'none'}")
+    print(f"Wrote the table of {len(results)} families to {MODELS_PAGE}; failed: {failed or 'none'}")
     if failed:
         raise SystemExit(1)
 

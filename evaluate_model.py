@@ -1,0 +1,223 @@
+"""Evaluate a model on held-out data; each run appends one row to a results table.
+
+Metrics (each from its own flag):
+- perplexity on text (--perplexity_files), token-level;
+- multiple-choice accuracy (--mcq_file: question / options / answer, the shape of MedQA, CMExam, CMB):
+  by option log-likelihood (--mcq_mode loglik) and/or by generating and parsing a letter (generate);
+- preference accuracy on chosen/rejected pairs (--preference_file): the policy's preference (mean token
+  log-probability), plus DPO's implicit reward against the reference (--implicit_reward); or a reward model's
+  pairwise accuracy and margin (--reward_model);
+- answer accuracy on questions with verifiable answers (--answer_file, GRPO's format), generated and scored
+  with the reward functions (--reward_funcs);
+- sample answers to held-out conversations (--questions_file), printed beside the references;
+- a distilled student's distance from its teacher (--teacher_model): the mean per-token KL(teacher || student)
+  on the reference answers of held-out conversations (--kl_file).
+
+Each run appends {"name", "metrics", "samples"} to --results_file (JSON lines) and prints the table of all rows:
+
+    python evaluate_model.py --name pt --model_name_or_path outputs-pt --perplexity_files data/pretrain/validation \
+        --mcq_file data/eval/mcq_validation.jsonl --results_file results.jsonl
+"""
+
+import json
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from medicalgpt.args import DataArguments, ModelArguments, parse_args
+from medicalgpt.data import (
+    build_preference_splits,
+    build_pretraining_splits,
+    load_splits,
+    to_conversation,
+    to_grpo,
+    to_preference,
+    to_text,
+)
+from medicalgpt.data.loading import LoadReport, convert_records
+from medicalgpt.data.processors import prompt_and_response
+from medicalgpt.data.readers import find_data_files, iter_records
+from medicalgpt.errors import DataError, run_cli
+from medicalgpt.evaluation import (
+    mcq_loglik_accuracy,
+    perplexity,
+    preference_accuracy,
+    reward_model_accuracy,
+    teacher_kl,
+)
+from medicalgpt.generation import generate
+from medicalgpt.modeling import (
+    load_for_inference,
+    load_model,
+    load_reward_model,
+    load_tokenizer,
+    set_stop_tokens,
+    with_adapter_base,
+)
+from medicalgpt.report import markdown
+from medicalgpt.rewards import choice_accuracy, load_reward_functions, reward_funcs_field
+from medicalgpt.serving import AdapterArguments
+from medicalgpt.templates import resolve_template
+
+
+@dataclass
+class EvalArguments(AdapterArguments):
+    name: str = field(default="model", metadata={"help": "Row label in the results table."})
+    perplexity_files: str | None = field(default=None, metadata={"help": "Text files/dirs for perplexity."})
+    block_size: int = field(default=256, metadata={"help": "Tokens per perplexity window."})
+    mcq_file: str | None = field(default=None, metadata={
+        "help": "Multiple-choice questions (question/options/answer)."})
+    mcq_mode: str = field(default="loglik", metadata={"choices": ["loglik", "generate", "both"], "help": (
+        "loglik: the option whose text is most likely as the answer; generate: the letter in a generated answer.")})
+    preference_file: str | None = field(default=None, metadata={"help": "Held-out chosen/rejected pairs."})
+    implicit_reward: bool = field(default=False, metadata={"help": (
+        "Also score pairs by DPO's implicit reward against the reference: the model without its LoRA adapter, or "
+        "--ref_model.")})
+    ref_model: str | None = field(default=None, metadata={"help": "Reference model for --implicit_reward."})
+    reward_model: str | None = field(default=None, metadata={"help": "Score pairs with this reward model instead."})
+    answer_file: str | None = field(default=None, metadata={"help": "Questions with verifiable answers (GRPO format)."})
+    reward_funcs: str = reward_funcs_field("answer_accuracy", "scored on --answer_file")
+    questions_file: str | None = field(default=None, metadata={
+        "help": "Conversation files/dirs: the model answers each last user turn; the reference is printed beside."})
+    num_questions: int = field(default=5, metadata={"help": "Sample answers to print from --questions_file."})
+    teacher_model: str | None = field(default=None, metadata={
+        "help": "Report the KL of this teacher's next-token distributions from the model's (distillation)."})
+    kl_file: str = field(default="data/sft/validation", metadata={
+        "help": "Conversations whose reference answers --teacher_model's KL is measured on."})
+    max_new_tokens: int = field(default=64)
+    batch_size: int = field(default=8)
+    results_file: str | None = field(default=None, metadata={"help": "Append the metrics row here (JSON lines)."})
+
+
+def _splits(files: str, convert):
+    """The records of these files as the single split "train" (no validation split is held out)."""
+    return load_splits(DataArguments(train_file_dir=files, validation_split_percentage=0), convert)
+
+
+def _records(files: str, convert):
+    return _splits(files, convert)["train"]
+
+
+def text_perplexity(model, tokenizer, files: str, block_size: int, batch_size: int) -> float:
+    splits = build_pretraining_splits(_splits(files, to_text), tokenizer, block_size)
+    return perplexity(model, splits["train"]["input_ids"], batch_size)
+
+
+def checked_mcq(record: object) -> dict:
+    """A multiple-choice record: a question, options {letter: text} and the answer's letter."""
+    if not isinstance(record, dict) or not isinstance(record.get("question"), str):
+        raise DataError("question: missing")
+    options = record.get("options")
+    if not isinstance(options, dict) or len(options) < 2 or not all(isinstance(t, str) for t in options.values()):
+        raise DataError("options: expected an object of at least two letter: text entries")
+    if record.get("answer") not in options:
+        raise DataError(f"answer: expected one of the option letters {', '.join(options)}")
+    return record
+
+
+def mcq_records(path: str) -> list[dict]:
+    """Multiple-choice records as they are (options stay a mapping of letter to text)."""
+    return [record for file in find_data_files(path)
+            for record in convert_records(iter_records(file), checked_mcq, LoadReport(), skip_bad_records=False,
+                                            skip_flag=None)]
+
+
+def mcq_generate_accuracy(model, tokenizer, template, records: list[dict], args: EvalArguments) -> float:
+    """Generate an answer to each question (options listed) and parse the chosen letter from it."""
+    questions = [to_grpo(record) for record in records]
+    prompts = [template.encode_prompt(tokenizer, q["prompt"]) for q in questions]
+    answers = generate(model, tokenizer, prompts, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+    scores = choice_accuracy(completions=[[{"role": "assistant", "content": a}] for a in answers],
+                             answer=[q["answer"] for q in questions])
+    return sum(score or 0.0 for score in scores) / len(records)
+
+
+def answer_accuracy(model, tokenizer, template, args: EvalArguments) -> float:
+    """Mean reward of generated answers to questions with verifiable answers."""
+    questions = _records(args.answer_file, to_grpo)
+    prompts = [template.encode_prompt(tokenizer, q["prompt"]) for q in questions]
+    answers = generate(model, tokenizer, prompts, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+    completions = [[{"role": "assistant", "content": a}] for a in answers]
+    totals = [0.0] * len(answers)
+    for fn in load_reward_functions(args.reward_funcs.split(",")):
+        scores = fn(completions=completions, prompts=questions["prompt"], answer=questions["answer"])
+        totals = [t + (s or 0.0) for t, s in zip(totals, scores, strict=True)]
+    return sum(totals) / len(totals)
+
+
+def preference_metrics(model, model_args, tokenizer, template, args: EvalArguments) -> dict:
+    pairs = build_preference_splits(_splits(args.preference_file, to_preference), tokenizer, template)["train"]
+    if args.reward_model:
+        reward_model = load_reward_model(args.reward_model, model_args)
+        return {f"rm_{k}": v for k, v in reward_model_accuracy(reward_model, pairs, tokenizer.pad_token_id).items()}
+    metrics = {"preference_accuracy": preference_accuracy(model, pairs, args.batch_size)["accuracy"]}
+    if args.implicit_reward:
+        reference = load_model(replace(model_args, model_name_or_path=args.ref_model)).eval() \
+            if args.ref_model else "adapter"
+        result = preference_accuracy(model, pairs, args.batch_size, reference)
+        metrics.update(implicit_reward_accuracy=result["accuracy"], implicit_reward_margin=result["margin"])
+    return metrics
+
+
+def sample_answers(model, tokenizer, template, args: EvalArguments) -> list[dict]:
+    conversations = _records(args.questions_file, to_conversation)
+    conversations = conversations.select(range(min(args.num_questions, len(conversations))))
+    prompts = [template.encode_prompt(tokenizer, c["messages"][:-1]) for c in conversations]
+    answers = generate(model, tokenizer, prompts, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+    return [{"question": c["messages"][-2]["content"], "reference": c["messages"][-1]["content"], "answer": a}
+            for c, a in zip(conversations, answers, strict=True)]
+
+
+def distance_from_teacher(model, model_args, tokenizer, template, args: EvalArguments) -> float:
+    """Mean per-token KL(teacher || model) on the reference answers of --kl_file's conversations."""
+    teacher = load_model(replace(model_args, model_name_or_path=args.teacher_model)).eval()
+    pairs = [prompt_and_response(tokenizer, template, c["messages"][:-1], None, c["messages"][-1]["content"])
+             for c in _records(args.kl_file, to_conversation)]
+    return teacher_kl(model, teacher, pairs, args.batch_size)
+
+
+def evaluate_model(model_args: ModelArguments, args: EvalArguments) -> dict:
+    """Every requested metric of one model, and its sample answers."""
+    model_args = with_adapter_base(model_args, args.lora_model)
+    tokenizer = load_tokenizer(model_args, args.lora_model)
+    template = resolve_template(tokenizer, args.template_name)
+    model = load_for_inference(model_args, args.lora_model)
+    set_stop_tokens(model, tokenizer, template.stop_words)
+    metrics, samples = {}, []
+    if args.perplexity_files:
+        metrics["perplexity"] = text_perplexity(model, tokenizer, args.perplexity_files, args.block_size,
+                                                args.batch_size)
+    if args.mcq_file:
+        records = mcq_records(args.mcq_file)
+        if args.mcq_mode in ("loglik", "both"):
+            metrics["mcq_accuracy"] = mcq_loglik_accuracy(model, tokenizer, template, records, args.batch_size)
+        if args.mcq_mode in ("generate", "both"):
+            metrics["mcq_generate_accuracy"] = mcq_generate_accuracy(model, tokenizer, template, records, args)
+    if args.preference_file:
+        metrics.update(preference_metrics(model, model_args, tokenizer, template, args))
+    if args.answer_file:
+        metrics["answer_accuracy"] = answer_accuracy(model, tokenizer, template, args)
+    if args.teacher_model:
+        metrics["teacher_kl"] = distance_from_teacher(model, model_args, tokenizer, template, args)
+    if args.questions_file:
+        samples = sample_answers(model, tokenizer, template, args)
+    return {"name": args.name, "metrics": metrics, "samples": samples}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    model_args, args = parse_args((ModelArguments, EvalArguments), argv)
+    row = evaluate_model(model_args, args)
+    for sample in row["samples"]:
+        print(f"Q: {sample['question']}\n   reference: {sample['reference']}\n   {args.name}: {sample['answer']}")
+    rows = [row]
+    if args.results_file:
+        path = Path(args.results_file)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    print(markdown(rows))
+    return row
+
+
+if __name__ == "__main__":
+    run_cli(main)
