@@ -30,6 +30,7 @@ from medicalgpt.answering import (
 )
 from medicalgpt.errors import UsageError, run_cli
 from medicalgpt.generation import stream_generate
+from medicalgpt.reasoning import THINK_CLOSE, THINK_OPEN
 from medicalgpt.serving import load_chat_model
 
 
@@ -47,7 +48,10 @@ def check_mode(args: InferenceArguments) -> None:
 def as_sft_record(row: dict, system_prompt: str | None) -> dict:
     """An answered request as a conversation in OpenAI-messages form, the answer its last (assistant) turn."""
     messages = row.get("messages") or [{"role": "user", "content": row["prompt"]}]
-    record = {"messages": [*with_system(messages, system_prompt), {"role": "assistant", "content": row["response"]}]}
+    # A teacher's reasoning stays in the answer, so that the student is trained on it too.
+    reply = (f"{THINK_OPEN}\n{row['reasoning_content']}\n{THINK_CLOSE}\n\n{row['response']}"
+             if row.get("reasoning_content") else row["response"])
+    record = {"messages": [*with_system(messages, system_prompt), {"role": "assistant", "content": reply}]}
     return {**record, "tools": row["tools"]} if row.get("tools") else record
 
 
@@ -98,7 +102,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.prompt is not None:
         print(answer(model, tokenizer, template, [{"prompt": args.prompt}], args, gen_args, False)[0]["response"])
     elif requests:
-        rows = answer(model, tokenizer, template, requests, args, gen_args)
+        rows = answer(model, tokenizer, template, requests, args, gen_args, reasoning=chat_model.reasoning)
         if args.output_format == "sft":
             # An empty answer would be a record no stage accepts: leave it out, and say how many.
             answered = [as_sft_record(row, args.system_prompt) for row in rows if row["response"].strip()]

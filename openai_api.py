@@ -44,6 +44,7 @@ from medicalgpt.openai_protocol import (
     sse,
     token_logprob,
 )
+from medicalgpt.reasoning import ReasoningSplitter, split_reasoning
 from medicalgpt.serving import (
     LOOPBACK,
     BaseModelArguments,
@@ -157,9 +158,13 @@ class Completion:
     def events(self, writer: ChunkWriter) -> Iterator[str]:
         """The server-sent events; a generation error becomes an error event, and [DONE] always ends them."""
         yield writer.choice({"role": "assistant", "content": ""})
+        splitter = ReasoningSplitter() if self.chat.reasoning else None
         try:
             for text in self.pieces():
-                yield writer.choice({"content": text})
+                for field_name, part in splitter.feed(text) if splitter else [("content", text)]:
+                    yield writer.choice({field_name: part})
+            for field_name, part in splitter.flush() if splitter else []:
+                yield writer.choice({field_name: part})
             yield writer.choice({}, self.finish_reason)
             if self.request.stream_options and self.request.stream_options.include_usage:
                 yield writer.usage(self.usage())
@@ -324,7 +329,8 @@ def create_app(chat: ChatModel, model_name: str = "medicalgpt", api_key: str | N
                                      media_type="text/event-stream")
         text = await complete(completion, turn, http_request)
         logprobs = await run_in_threadpool(completion.logprobs, text)  # a softmax over the vocabulary per token
-        return completion_body(model_name, text, completion.finish_reason, completion.usage(), logprobs)
+        reasoning, text = split_reasoning(text) if chat.reasoning else (None, text)
+        return completion_body(model_name, text, completion.finish_reason, completion.usage(), logprobs, reasoning)
 
     return app
 

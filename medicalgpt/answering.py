@@ -11,6 +11,7 @@ from medicalgpt.data.loading import LoadReport, convert_records
 from medicalgpt.data.readers import find_data_files, iter_records
 from medicalgpt.errors import UsageError
 from medicalgpt.generation import generate
+from medicalgpt.reasoning import split_reasoning
 from medicalgpt.serving import AdapterArguments, BaseModelArguments
 
 
@@ -101,13 +102,18 @@ def encode_request(tokenizer, template, request: dict, system_prompt: str | None
 
 
 def answer(model, tokenizer, template, requests: list[dict], args: InferenceArguments,
-           gen_args: GenerationArguments, show_progress: bool = True) -> list[dict]:
-    """Each request (its non-empty fields) with its "response", in input order."""
+           gen_args: GenerationArguments, show_progress: bool = True, reasoning: bool = False) -> list[dict]:
+    """Each request (its non-empty fields) with its "response", in input order; a reasoning model's think block
+    goes to "reasoning_content"."""
     prompts = [encode_request(tokenizer, template, request, args.system_prompt) for request in requests]
     responses = generate(model, tokenizer, prompts, batch_size=args.batch_size, show_progress=show_progress,
                          **asdict(gen_args))
-    return [{**{k: v for k, v in request.items() if v}, "response": response}
-            for request, response in zip(requests, responses, strict=True)]
+    rows = []
+    for request, response in zip(requests, responses, strict=True):
+        thought, response = split_reasoning(response) if reasoning else (None, response)
+        rows.append({**{k: v for k, v in request.items() if v}, "response": response,
+                     **({"reasoning_content": thought} if thought is not None else {})})
+    return rows
 
 
 def write_rows(rows: list[dict], output_file: str) -> None:

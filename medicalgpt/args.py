@@ -6,7 +6,8 @@ A stage combines these dataclasses with its trainer's config (TrainingArguments,
         (ModelArguments, LoraArguments, SFTDataArguments, SFTConfig), defaults={"output_dir": "outputs-sft"})
 
 Unknown or abbreviated flags are errors, and so are unknown keys in a config file; a config's own checks
-(TrainingArguments.__post_init__) become one-line usage errors.
+(TrainingArguments.__post_init__) become one-line usage errors. MedicalGPT's flag spellings are translated first
+(medicalgpt/aliases.py).
 """
 
 import difflib
@@ -19,6 +20,7 @@ from typing import Any
 import yaml
 from transformers import HfArgumentParser
 
+from medicalgpt.aliases import translate_aliases
 from medicalgpt.distributed import check_deepspeed
 from medicalgpt.errors import UsageError
 
@@ -171,7 +173,8 @@ def parse_args(dataclass_types: tuple[type, ...], args: list[str] | None = None,
     argv = list(sys.argv[1:] if args is None else args)
     if argv and argv[0].endswith((".json", ".yaml", ".yml")):
         parser.set_defaults(**_config_file_defaults(argv.pop(0), parser))
-    namespace, remaining = parser.parse_known_args(argv)
+    known_flags = {option for action in parser._actions for option in action.option_strings}
+    namespace, remaining = parser.parse_known_args(translate_aliases(argv, known_flags))
     if remaining:
         parser.error(f"unrecognized arguments: {' '.join(remaining)}{closest_flags(remaining, parser)}")
     values = vars(namespace)

@@ -155,12 +155,14 @@ def sse(data: dict | str) -> str:
     return f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}\n\n"
 
 
-def completion_body(model: str, text: str, finish_reason: str, usage: dict, logprobs: dict | None = None) -> dict:
-    """A non-streamed chat.completion response."""
+def completion_body(model: str, text: str, finish_reason: str, usage: dict, logprobs: dict | None = None,
+                    reasoning: str | None = None) -> dict:
+    """A non-streamed chat.completion response; a reasoning model's think block as reasoning_content."""
+    message = {"role": "assistant", "content": text, **({"reasoning_content": reasoning} if reasoning is not None
+                                                        else {})}
     return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
             "model": model, "usage": usage,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
-                         "finish_reason": finish_reason}]}
+            "choices": [{"index": 0, "message": message, "logprobs": logprobs, "finish_reason": finish_reason}]}
 
 
 def token_logprob(token: str, logprob: float) -> dict:

@@ -12,6 +12,7 @@ from medicalgpt.args import ModelArguments
 from medicalgpt.errors import UsageError
 from medicalgpt.generation import stream_generate
 from medicalgpt.modeling import load_for_inference, load_tokenizer, set_stop_tokens, with_adapter_base
+from medicalgpt.reasoning import is_reasoning_model, with_thinking
 from medicalgpt.templates import resolve_template
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")  # the addresses that keep a server off the network
@@ -33,6 +34,9 @@ class AdapterArguments:
     lora_model: str | None = field(default=None, metadata={"help": "A LoRA adapter to apply to the base model."})
     template_name: str | None = field(default=None, metadata={
         "help": "Built-in chat template (chatml, qwen, llama3, ...). Default: the tokenizer's own template."})
+    enable_thinking: bool = field(default=True, metadata={"help": (
+        "Reasoning models (qwen3 templates, tokenizers with a <think> token): False prompts with thinking off. "
+        "Reasoning comes back apart from the answer (reasoning_content in the API and in inference rows).")})
 
 
 @dataclass
@@ -48,6 +52,7 @@ class ChatModel:
     model: Any
     tokenizer: Any
     template: Any
+    reasoning: bool = False  # replies may open with a <think> block: split it off (medicalgpt.reasoning)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def encode(self, messages: list[dict]) -> list[int]:
@@ -70,10 +75,10 @@ def load_chat_model(model_args: ModelArguments, serve_args: AdapterArguments) ->
     adapter and no base model, the base is the one the adapter records."""
     model_args = with_adapter_base(model_args, serve_args.lora_model)
     tokenizer = load_tokenizer(model_args, serve_args.lora_model)
-    template = resolve_template(tokenizer, serve_args.template_name)
+    template = with_thinking(resolve_template(tokenizer, serve_args.template_name), serve_args.enable_thinking)
     model = load_for_inference(model_args, serve_args.lora_model)
     set_stop_tokens(model, tokenizer, template.stop_words)
-    return ChatModel(model, tokenizer, template)
+    return ChatModel(model, tokenizer, template, reasoning=is_reasoning_model(template, tokenizer))
 
 
 class ContextLengthError(UsageError):

@@ -97,6 +97,19 @@ def encode_rendered(tokenizer, text: str) -> list[int]:
     return ids
 
 
+def _with_think_block(content: str, after_last_user: bool, last: bool) -> str:
+    """A reply as Qwen3's template renders it: after the last user turn, the reasoning (a <think> block in the
+    content) in a think block on each reply that has some and on the last (empty if it has none); before it,
+    the answer alone."""
+    reasoning, answer = "", content
+    if "</think>" in content:
+        reasoning = content.split("</think>")[0].rstrip("\n").split("<think>")[-1].lstrip("\n")
+        answer = content.split("</think>")[-1].lstrip("\n")
+    if after_last_user and (last or reasoning):
+        return "<think>\n" + reasoning.strip("\n") + "\n</think>\n\n" + answer.lstrip("\n")
+    return answer
+
+
 def _labelled(ids: list[int], trained: bool) -> list[int]:
     """ids as labels when trained, else IGNORE_INDEX for each."""
     return list(ids) if trained else [IGNORE_INDEX] * len(ids)
@@ -121,6 +134,10 @@ class Template:
     stop_words: tuple[str, ...] = ()
     # False: special-token strings in message content are plain text, so a message cannot forge a turn.
     allow_special_tokens: bool = False
+    # Qwen3-style reasoning: the reply after the last user turn carries a <think> block (empty when it brings no
+    # reasoning), earlier replies lose theirs.
+    think_blocks: bool = False
+    prompt_suffix: str = ""  # after assistant_prefix in a generation prompt only (thinking off: an empty block)
 
     @property
     def jinja(self) -> str:
@@ -143,8 +160,8 @@ class Template:
         """ids of a conversation ending in a user/observation turn plus the assistant generation prompt."""
         if messages[-1]["role"] not in USER_SIDE:
             raise UsageError(f"a prompt must end in a user or observation turn, not {messages[-1]['role']!r}")
-        text = "".join(text for text, _ in self._segments(tokenizer, messages, tools)) + self.assistant_prefix
-        return encode_rendered(tokenizer, text)
+        text = "".join(text for text, _ in self._segments(tokenizer, messages, tools))
+        return encode_rendered(tokenizer, text + self.assistant_prefix + self.prompt_suffix)
 
     def _system_text(self, messages: list[dict], tools: list[dict] | None) -> str | None:
         """The system prompt (given or default) with the tool descriptions appended; None when there is none."""
@@ -162,10 +179,15 @@ class Template:
         segments = [(self.prefix, False)]
         if system is not None and not self.merge_system:
             segments.append((_fill(self.system, system), False))
-        for message in messages[1:] if messages and messages[0]["role"] == "system" else messages:
+        last_user = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=-1)
+        for index, message in enumerate(messages):
+            if index == 0 and message["role"] == "system":
+                continue
             content = message["content"]
             if self.merge_system and system is not None and message["role"] == "user":
                 content, system = _fill(self.system, system) + content, None  # only the first user turn
+            if self.think_blocks and message["role"] == "assistant":
+                content = _with_think_block(content, index > last_user, index == len(messages) - 1)
             segments += self._turn(message["role"], content)
         return segments
 
@@ -188,6 +210,7 @@ class TokenizerChatTemplate:
     stop_words: tuple[str, ...] = ()
     name: str = "tokenizer"
     allow_special_tokens: bool = False  # as in Template
+    template_kwargs: dict | None = None  # extra variables of the template at inference, e.g. enable_thinking
 
     def encode(
         self, tokenizer, messages: list[dict], tools: list[dict] | None = None, train_on_inputs: bool = False
@@ -211,12 +234,14 @@ class TokenizerChatTemplate:
 
     def encode_prompt(self, tokenizer, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
         """ids of a conversation ending in a user/observation turn plus the assistant generation prompt."""
+        extra = self.template_kwargs or {}
         if self.allow_special_tokens:
             return list(tokenizer.apply_chat_template(
                 messages, tools=tools, chat_template=self.jinja, add_generation_prompt=True, tokenize=True,
-                return_dict=True)["input_ids"])
+                return_dict=True, **extra)["input_ids"])
         text = tokenizer.apply_chat_template(_escape_content(tokenizer, messages), tools=tools,
-                                             chat_template=self.jinja, add_generation_prompt=True, tokenize=False)
+                                             chat_template=self.jinja, add_generation_prompt=True, tokenize=False,
+                                             **extra)
         return encode_rendered(tokenizer, text)
 
 
@@ -287,6 +312,17 @@ TEMPLATES: dict[str, Template] = {
             assistant_prefix="Assistant:", assistant=" {content}<｜end▁of▁sentence｜>",
             stop_words=("<｜end▁of▁sentence｜>",),
         ),
+        # Qwen3: ChatML with Qwen's tool format, no default system, think blocks as its own template writes them.
+        # A reply's reasoning comes as a <think>...</think> block in its content; it is trained with the answer.
+        Template("qwen3", **_CHATML, **_CHATML_NATIVE_TOOLS, tools=QWEN_TOOLS, think_blocks=True),
+        # Qwen3 with thinking off (enable_thinking=False): the generation prompt closes an empty think block.
+        Template("qwen3_nothink", **_CHATML, **_CHATML_NATIVE_TOOLS, tools=QWEN_TOOLS, think_blocks=True,
+                 prompt_suffix="<think>\n\n</think>\n\n"),
+        Template(
+            "deepseek3", prefix="<｜begin▁of▁sentence｜>", user="<｜User｜>{content}",
+            assistant_prefix="<｜Assistant｜>", assistant="{content}<｜end▁of▁sentence｜>",
+            stop_words=("<｜end▁of▁sentence｜>",),
+        ),
         # Yi's chat format is ChatML; it has no tool format, so tool turns are written plainly.
         Template("yi", **_CHATML),
         # InternLM2-chat: ChatML after a BOS token (its own tool protocol is not modelled: tools are written plainly).
@@ -295,8 +331,14 @@ TEMPLATES: dict[str, Template] = {
 }
 
 
+# MedicalGPT's --template_name spellings of our templates.
+TEMPLATE_ALIASES = {"qwen3_5": "qwen3", "qwen3_5_nothink": "qwen3_nothink", "intern2": "internlm2",
+                    "deepseekv3": "deepseek3", "llama3_1": "llama3"}
+
+
 def get_template(name: str) -> Template:
-    """The built-in template called name."""
+    """The built-in template called name (or MedicalGPT's name for it)."""
+    name = TEMPLATE_ALIASES.get(name, name)
     if name not in TEMPLATES:
         raise UsageError(f"unknown template {name!r}; known templates: {', '.join(TEMPLATES)}")
     return TEMPLATES[name]

@@ -117,7 +117,7 @@ class RecordingTemplate:
 
     def __init__(self):
         self.template, self.conversations = get_template("chatml"), []
-        self.stop_words = self.template.stop_words
+        self.stop_words, self.name = self.template.stop_words, self.template.name
 
     def encode_prompt(self, tokenizer, messages, tools=None):
         self.conversations.append(copy.deepcopy(messages))

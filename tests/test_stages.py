@@ -38,11 +38,11 @@ def pt_model(tiny_model_dir, tmp_path_factory) -> tuple[str, dict]:
 
 
 def test_unknown_or_abbreviated_flag_is_an_error(capsys):
-    for argv in (["--no_such_flag", "1"], ["--lora_r", "4"]):
+    for argv in (["--no_such_flag", "1"], ["--lora_ran", "4"]):  # (--lora_r is MedicalGPT's spelling: an alias)
         with pytest.raises(SystemExit) as exit_info:
             supervised_finetuning.main(argv)
         assert exit_info.value.code == 2
-    assert "unrecognized arguments: --lora_r 4 (did you mean --lora_r -> --lora_rank?)" in capsys.readouterr().err
+    assert "unrecognized arguments: --lora_ran 4 (did you mean --lora_ran -> --lora_rank?)" in capsys.readouterr().err
 
 
 def test_config_file_with_cli_override(tmp_path, capsys):
