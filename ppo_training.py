@@ -47,7 +47,8 @@ from medicalgpt.training import StopOnSignal, load_chat_inputs, resolve_resume_c
 
 def main(argv: list[str] | None = None) -> dict:
     model_args, lora_args, data_args, args = parse_args(
-        (ModelArguments, LoraArguments, ChatDataArguments, PPOArguments), argv)
+        (ModelArguments, LoraArguments, ChatDataArguments, PPOArguments), argv,
+        config=Path(__file__).with_name("configs") / "ppo.yaml")
     check_model_args(model_args, lora_args)
     if not (args.reward_model or args.reward_funcs):
         raise UsageError("PPO needs a reward: pass --reward_model (from reward_modeling.py) and/or --reward_funcs")
@@ -84,11 +85,11 @@ def main(argv: list[str] | None = None) -> dict:
             scores, score_parts = score(batch, reward_model, reward_fns, [references[i] for i in chosen], args,
                                         tokenizer.pad_token_id)
             metrics = {**ppo_step(actor, ref_model, optimizer, kl_control, batch, scores, args), **score_parts}
-            if (step + 1) % args.logging_steps == 0:
+            if (step + 1) % args.every(args.logging_steps) == 0:
                 run_log.log(step + 1, metrics)
             checkpoint = Path(args.output_dir) / f"checkpoint-{step + 1}"
             stopping = stop.requested() and step + 1 < args.max_steps
-            if (step + 1) % args.save_steps == 0 or step + 1 == args.max_steps or stopping:
+            if (step + 1) % args.every(args.save_steps) == 0 or step + 1 == args.max_steps or stopping:
                 save_checkpoint(checkpoint, actor, optimizer, tokenizer,
                                 {"step": step + 1, "kl_coef": kl_control.value, "history": run_log.history})
             if stopping:

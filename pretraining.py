@@ -15,10 +15,10 @@ from transformers import Trainer, TrainingArguments
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from medicalgpt.args import LoraArguments, ModelArguments, PretrainDataArguments, parse_args
-from medicalgpt.data import build_pretraining_splits, load_splits, to_text
+from medicalgpt.data import build_pretraining_splits, to_text
 from medicalgpt.errors import run_cli
 from medicalgpt.modeling import apply_lora, check_model_args, load_model, load_tokenizer
-from medicalgpt.training import STAGE_DEFAULTS, prepare_run, train_and_save
+from medicalgpt.training import STAGE_DEFAULTS, load_records, prepare_run, train_and_save
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> dict:
     check_model_args(model_args, lora_args)
     resume = prepare_run(training_args)
 
-    records = load_splits(data_args, to_text, training_args.seed)  # bad data fails before any model loads
+    records = load_records(data_args, to_text, training_args)  # bad data fails before any model loads
     tokenizer = load_tokenizer(model_args)
     with training_args.main_process_first(desc="dataset preparation"):
         splits = build_pretraining_splits(records, tokenizer, data_args.block_size,

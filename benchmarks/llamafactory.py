@@ -103,7 +103,8 @@ def our_flags(model: str, s: dict) -> list[str]:
     return ["--model_name_or_path", model, "--train_file_dir", str(SFT_DATA), "--max_length", str(s["max_length"]),
             "--per_device_train_batch_size", str(s["batch"]), "--lora_rank", str(s["lora_rank"]),
             "--lora_alpha", str(s["lora_alpha"]), "--lora_dropout", str(s["lora_dropout"]), "--target_modules", "all",
-            "--learning_rate", str(s["learning_rate"]), "--max_steps", str(s["steps"]), "--packing", str(s["packing"])]
+            "--learning_rate", str(s["learning_rate"]), "--max_steps", str(s["steps"]), "--packing", str(s["packing"]),
+            "--warmup_steps", "0", "--lr_scheduler_type", "linear"]  # as theirs, over configs/sft.yaml's schedule
 
 
 def run_theirs(config: dict, folder: Path) -> dict:

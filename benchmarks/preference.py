@@ -22,7 +22,8 @@ PAIRS = REPO / "data/preference/train/preference_medical.jsonl"
 # name -> (stage module, its flags); "{dir}" is the folder of the data written by write_same_data, "{model}" the
 # model measured.
 CONFIGS = {
-    "sft": ("supervised_finetuning", ["--train_file_dir", "{dir}/sft.jsonl", "--max_length", "512"]),
+    "sft": ("supervised_finetuning", ["--train_file_dir", "{dir}/sft.jsonl", "--max_length", "512",
+                                      "--packing", "False"]),
     "pt": ("pretraining", ["--train_file_dir", "{dir}/pt.txt", "--block_size", "128"]),
     "dpo": ("dpo_training", ["--train_file_dir", str(PAIRS)]),
     "dpo_precomputed_ref": ("dpo_training", ["--train_file_dir", str(PAIRS), "--precompute_ref_log_probs", "True"]),

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from transformers import HfArgumentParser
+from transformers import HfArgumentParser, TrainingArguments
 
 from medicalgpt.aliases import translate_aliases
 from medicalgpt.distributed import check_deepspeed
@@ -55,8 +55,8 @@ class LoraArguments:
     lora_rank: int = field(default=8, metadata={"help": "Rank r of the LoRA update matrices."})
     lora_alpha: float = field(default=16.0, metadata={"help": "LoRA scaling numerator (scale = alpha / r)."})
     lora_dropout: float = field(default=0.0, metadata={
-        "help": "Dropout on the LoRA input. 0 skips the dropout layer (LoRA steps ~1.5x faster on CPU); 0.05-0.1 can "
-                "regularise a small dataset."})
+        "help": "Dropout on the LoRA input. 0 skips the dropout layer (faster LoRA steps: benchmarks/README.md); "
+                "0.05-0.1 can regularise a small dataset."})
     target_modules: str = field(default="all", metadata={
         "help": "Comma-separated module names, or 'all' = every linear layer except the output head and MoE routers."})
     modules_to_save: str | None = field(default=None, metadata={
@@ -127,6 +127,13 @@ class RunArguments:
     overwrite_output_dir: bool = field(default=False, metadata={
         "help": "Delete the checkpoint-* directories an earlier run left in --output_dir; without it (or "
                 "--resume_from_checkpoint) a stage refuses to start there."})
+
+
+def trainer_field(name: str) -> Any:
+    """TrainingArguments' field `name` (its default and help), for a stage with its own loop (PPO): a setting it
+    shares with the trainer stages is declared once."""
+    declared = next(f for f in fields(TrainingArguments) if f.name == name)
+    return field(default=declared.default, metadata=declared.metadata)
 
 
 def _config_file_defaults(path: str | Path, parser: HfArgumentParser) -> dict[str, Any]:

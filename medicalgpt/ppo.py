@@ -5,6 +5,7 @@ our own."""
 import copy
 import json
 import logging
+import math
 import os
 import random
 import shutil
@@ -16,6 +17,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from medicalgpt.args import trainer_field
 from medicalgpt.errors import UsageError
 from medicalgpt.generation import left_padded
 from medicalgpt.modeling import (
@@ -31,19 +33,22 @@ logger = logging.getLogger("medicalgpt.ppo")
 
 @dataclass
 class PPOArguments:
-    output_dir: str = field(default="outputs-ppo")
+    """PPO's own flags. What it shares with the trainer stages (--output_dir, --learning_rate, --seed, ...) is
+    declared once, by TrainingArguments (trainer_field); the stage's values are in configs/ppo.yaml."""
+    output_dir: str | None = trainer_field("output_dir")
     reward_model: str | None = field(default=None, metadata={
         "help": "Reward model from reward_modeling.py: a merged directory or a LoRA adapter directory."})
     reward_funcs: str | None = reward_funcs_field(None, "added to the reward model's score")
     value_model: str = field(default="head", metadata={
         "help": "head: a value head on the policy's backbone; critic: a separate model initialised from the "
                 "reward model.", "choices": ["head", "critic"]})
-    learning_rate: float = field(default=1e-5)
+    learning_rate: float = trainer_field("learning_rate")
+    # Not the trainers' max_steps: PPO has no epochs, and a PPO step is a rollout batch with its updates.
     max_steps: int = field(default=100, metadata={"help": "PPO steps (each: one rollout batch, ppo_epochs updates)."})
     batch_size: int = field(default=8, metadata={"help": "Prompts per rollout batch."})
     mini_batch_size: int = field(default=4, metadata={"help": "Rollouts per PPO gradient computation."})
     ppo_epochs: int = field(default=2, metadata={"help": "Passes over each rollout batch."})
-    gradient_accumulation_steps: int = field(default=1, metadata={"help": "Mini-batches per optimizer step."})
+    gradient_accumulation_steps: int = trainer_field("gradient_accumulation_steps")
     max_prompt_length: int = field(default=512, metadata={"help": "Prompts longer than this (tokens) are skipped."})
     max_new_tokens: int = field(default=64)
     temperature: float = field(default=1.0)
@@ -61,12 +66,18 @@ class PPOArguments:
     reward_clip: float = field(default=10.0, metadata={"help": "Clip scores to [-reward_clip, reward_clip]."})
     missing_eos_penalty: float = field(default=1.0, metadata={
         "help": "Subtracted from the score of a response that ends without an end-of-turn token."})
-    activation_checkpointing: bool = field(default=False, metadata={"help": "Trade compute for memory."})
-    seed: int = field(default=42)
-    logging_steps: int = field(default=1)
-    save_steps: int = field(default=50, metadata={"help": "Checkpoint every N steps (and at the end)."})
-    resume_from_checkpoint: str | None = field(default=None, metadata={"help": "A checkpoint path, or auto."})
+    activation_checkpointing: bool | None = trainer_field("activation_checkpointing")
+    seed: int = trainer_field("seed")
+    logging_steps: float = trainer_field("logging_steps")
+    save_steps: float = trainer_field("save_steps")
+    resume_from_checkpoint: str | None = trainer_field("resume_from_checkpoint")
+    # Narrower than the trainers' report_to: the loop writes TensorBoard itself.
     report_to: str = field(default="tensorboard", metadata={"choices": ["tensorboard", "none"]})
+
+    def every(self, steps: float) -> int:
+        """--logging_steps / --save_steps in PPO steps: as the trainers read them, a value below 1 is a share of
+        --max_steps."""
+        return max(1, math.ceil(steps * self.max_steps)) if steps < 1 else int(steps)
 
 
 # --- PPO math: every function works on [batch, response_length] tensors with a 0/1 mask ----------------------------

@@ -21,7 +21,7 @@ class CPUFriendlySFTTrainer(SFTTrainer):
 
     TRL's fused head saves GPU memory at 150k-token vocabularies by recomputing the head in backward, scoring every
     position and computing entropy and top-1 accuracy for its logs; on CPU, with RAM to spare, that made SFT steps
-    ~1.2x slower (benchmarks/README.md, MFU). Evaluation and MoE models keep TRL's path.
+    slower (benchmarks/README.md, MFU). Evaluation and MoE models keep TRL's path.
     """
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -37,9 +37,9 @@ class _HalfBatches:
 
     One half's activations are held at a time: the rejected half's until its backward is done, then the chosen
     half's recomputed ones (autograd runs the later-built half first). So a DPO step holds about as many
-    activations as an SFT step on the same batch size, instead of twice as many (25M model, 16 rows of 72 tokens:
-    766 -> 336 MB), for one more forward of half the batch (policy forward + backward ~1.2-1.4x slower on one CPU
-    thread). The per-token outputs are the ones a single forward on the whole batch gives.
+    activations as an SFT step on the same batch size, instead of twice as many, for one more forward of half the
+    batch (both measured in benchmarks/README.md, section 3). The per-token outputs are the ones a single forward on
+    the whole batch gives.
     """
 
     FIELDS = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1", "label_mask")

@@ -15,8 +15,9 @@ from typing import NoReturn
 
 import torch
 import transformers
+from datasets import DatasetDict
 from transformers import Trainer, TrainerCallback, set_seed
-from transformers.trainer_utils import sort_checkpoints
+from transformers.trainer_utils import IntervalStrategy, sort_checkpoints
 
 from medicalgpt.data import LengthLimits, build_preference_splits, load_splits, to_preference
 from medicalgpt.errors import UsageError
@@ -276,13 +277,23 @@ STAGE_DEFAULTS = {
 }
 
 
+def load_records(data_args, convert, training_args) -> DatasetDict:
+    """The stage's normalised splits. Without a validation split, a configured --eval_strategy is turned off (with a
+    warning) instead of stopping the trainer: the stage configs evaluate every few steps whenever they can."""
+    records = load_splits(data_args, convert, training_args.seed)
+    if "validation" not in records and getattr(training_args, "eval_strategy", "no") != "no":
+        logger.warning("No validation data: --eval_strategy %s is off", training_args.eval_strategy)
+        training_args.eval_strategy = IntervalStrategy.NO
+    return records
+
+
 def load_chat_inputs(model_args, data_args, training_args, convert) -> tuple:
     """Records, tokenizer and chat template of a conversational stage.
 
     The records are read and validated first, so bad data fails before any model is loaded; the template is
     set on the tokenizer, so the saved tokenizer renders prompts exactly as training did.
     """
-    records = load_splits(data_args, convert, training_args.seed)
+    records = load_records(data_args, convert, training_args)
     tokenizer = load_tokenizer(model_args)
     template = resolve_template(tokenizer, data_args.template_name, data_args.allow_special_tokens_in_content)
     tokenizer.chat_template = template.jinja

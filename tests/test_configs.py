@@ -7,14 +7,15 @@ import pytest
 import yaml
 from transformers import TrainingArguments
 
-from medicalgpt.args import ModelArguments, parse_args
-from medicalgpt.training import STAGE_DEFAULTS
+from medicalgpt.args import DataArguments, ModelArguments, parse_args
+from medicalgpt.data import to_text
+from medicalgpt.training import STAGE_DEFAULTS, load_records
 from tools.scripts import script_main
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = {"pt": "pretraining", "sft": "supervised_finetuning", "rm": "reward_modeling", "dpo": "dpo_training",
           "orpo": "orpo_training", "kto": "kto_training", "cpo": "cpo_training", "grpo": "grpo_training",
-          "distill": "distillation_training"}
+          "distill": "distillation_training", "ppo": "ppo_training"}
 
 
 @pytest.mark.parametrize("stage", sorted(STAGES))
@@ -29,7 +30,7 @@ def test_each_stage_reads_its_own_config(stage, capsys):
     assert exit_info.value.code == 0
     help_text = re.sub(r"\s+", " ", capsys.readouterr().out)
     assert "--output_dir OUTPUT_DIR" in help_text and values["output_dir"] == f"outputs-{stage}"
-    assert re.search(rf"--save_total_limit .*?\(default: {values['save_total_limit']}\)", help_text)
+    assert re.search(rf"--logging_steps .*?\(default: {values['logging_steps']}\)", help_text)
 
 
 def write(path: Path, text: str) -> str:
@@ -53,3 +54,14 @@ def test_an_unknown_key_names_its_file_and_the_closest_key(tmp_path, capsys, lea
     with pytest.raises(SystemExit):
         parse_args((ModelArguments, TrainingArguments), [bad] if leading else [], config=None if leading else bad)
     assert f"{bad}: unknown arguments: learning_rat (did you mean learning_rate?)" in capsys.readouterr().err
+
+
+def test_a_configs_eval_strategy_is_off_without_validation_data(tmp_path):
+    """The stage configs evaluate every few steps; a run without validation data trains instead of stopping."""
+    args = TrainingArguments(output_dir=str(tmp_path), eval_strategy="steps", eval_steps=5, use_cpu=True)
+    records = load_records(DataArguments(train_file_dir=str(ROOT / "data/pretrain/validation"),
+                                         validation_split_percentage=0), to_text, args)
+    assert "validation" not in records and args.eval_strategy == "no"
+    args = TrainingArguments(output_dir=str(tmp_path), eval_strategy="steps", eval_steps=5, use_cpu=True)
+    load_records(DataArguments(train_file_dir=str(ROOT / "data/pretrain/validation")), to_text, args)
+    assert args.eval_strategy == "steps"  # the default 1% held out

@@ -39,7 +39,7 @@ def quoted_commands() -> list[list[str]]:
 
 def stage_of(wrapper: str) -> str:
     """The script a run_*.sh wrapper passes its extra arguments to (run_ppo.sh: its last one, PPO)."""
-    return re.findall(r'python "\$HERE/(\w+\.py)"', (ROOT / wrapper).read_text())[-1]
+    return re.findall(r'"\$HERE/(\w+\.py)"', (ROOT / wrapper).read_text())[-1]
 
 
 def help_text(script: str, capsys) -> str:

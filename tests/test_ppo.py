@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
+from transformers import TrainingArguments
 
 import ppo_training
 from medicalgpt import ppo
@@ -64,6 +65,14 @@ def test_adaptive_kl_moves_towards_the_target():
     assert control.value == pytest.approx(0.1 * (1 + 0.2 * 0.1))
     control.update(current_kl=0.0, n_rollouts=10)
     assert control.value < 0.1 * 1.02
+
+
+def test_logging_and_save_steps_read_as_the_trainers_read_them():
+    """Declared by TrainingArguments, so a value below 1 is a share of the run, as in every other stage."""
+    args = ppo.PPOArguments(output_dir="out", max_steps=40, logging_steps=0.1, save_steps=50)
+    assert (args.every(args.logging_steps), args.every(args.save_steps)) == (4, 50)
+    assert ppo.PPOArguments.__dataclass_fields__["learning_rate"].metadata == \
+        TrainingArguments.__dataclass_fields__["learning_rate"].metadata
 
 
 # --- runs on the tiny model ------------------------------------------------------------------------------------------

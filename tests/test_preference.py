@@ -25,8 +25,10 @@ from medicalgpt.data import (
 )
 from medicalgpt.templates import IGNORE_INDEX, get_template
 
+# Sized for a constant start: the stage configs' warm-up would take most of these short runs.
 FAST = ["--report_to", "none", "--logging_steps", "1", "--save_strategy", "no", "--disable_tqdm", "True",
-        "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "8"]
+        "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "8", "--warmup_steps", "0",
+        "--lr_scheduler_type", "linear"]
 PAIRS = ["--train_file_dir", "data/preference/train", "--validation_file_dir", "data/preference/validation",
          "--max_train_samples", "64", "--max_eval_samples", "16"]
 MEDICALGPT_PAIR = {"conversations": [{"from": "human", "value": "痛风急性发作首选什么药？"}],

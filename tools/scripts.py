@@ -1,8 +1,8 @@
 """Run a top-level script's main() in this process, as its command line would, without importing it.
 
 Top-level scripts are leaves: nothing imports them (tests/test_imports.py checks). What drives them in-process
-(the support matrix, the training benchmarks, tests) loads one by path, which skips the ~8 s of library imports a
-subprocess would pay again.
+(the support matrix, the training benchmarks, tests) loads one by path, which skips the library imports a
+subprocess would pay again (their cost: benchmarks/README.md).
 """
 
 import runpy
