@@ -18,9 +18,10 @@ import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import GenerationConfig, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-CORPUS_DIR = REPO_ROOT / "data" / "pretrain" / "train"
-DEFAULT_MODEL_DIR = REPO_ROOT / "models" / "medicalgpt-default"
+from medicalgpt.checkout import ROOT, require_checkout
+
+CORPUS_DIR = ROOT / "data" / "pretrain" / "train"
+DEFAULT_MODEL_DIR = ROOT / "models" / "medicalgpt-default"
 CHATML_TEMPLATE = (Path(__file__).parent / "chat_templates" / "chatml.jinja").read_text()
 
 EOS_TOKEN = "<|endoftext|>"
@@ -47,6 +48,9 @@ def read_corpus(corpus_dir: Path = CORPUS_DIR) -> list[str]:
     """All non-empty lines of the .txt files in corpus_dir, in a stable order."""
     files = sorted(Path(corpus_dir).glob("*.txt"))
     if not files:
+        if Path(corpus_dir) == CORPUS_DIR:
+            require_checkout("The embedded default model (built when no --model_name_or_path is given)",
+                             "data/pretrain/train")
         raise FileNotFoundError(f"no .txt files in {corpus_dir}: run `python data/build_sample_data.py` first")
     return [line for f in files for line in f.read_text(encoding="utf-8").splitlines() if line.strip()]
 

@@ -19,12 +19,13 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import cache
-from pathlib import Path
+
+from medicalgpt.checkout import ROOT, require_checkout
 
 logger = logging.getLogger(__name__)
 
 PHI_TYPES = ("NAME", "ID", "PHONE", "DATE", "ADDRESS", "MRN", "EMAIL")
-KNOWLEDGE_TABLE = Path(__file__).resolve().parents[1] / "data" / "knowledge.py"
+KNOWLEDGE_TABLE = ROOT / "data" / "knowledge.py"
 # Keys of a record whose strings are structure, not text: roles, tool schemas and calls.
 STRUCTURE_KEYS = frozenset({"role", "from", "tools", "tool_calls"})
 
@@ -106,6 +107,8 @@ def valid_resident_id(number: str) -> bool:
 
 def knowledge_terms() -> list[str]:
     """Every medical term of the knowledge table (conditions, symptoms, exams, drugs, doses, departments)."""
+    if not KNOWLEDGE_TABLE.is_file():
+        require_checkout("De-identification (the medical terms it keeps)", "data/knowledge.py")
     spec = importlib.util.spec_from_file_location("medicalgpt_knowledge_table", KNOWLEDGE_TABLE)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -1,11 +1,15 @@
 """The locked install: requirements.lock, requirements.txt's ranges and the Makefile agree, and tools/deps.py works."""
 
 import importlib.util
+import os
 import re
+import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
+import pytest
 from packaging.requirements import Requirement
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -90,19 +94,46 @@ def test_make_install_refuses_a_python_older_than_the_lock_needs_and_accepts_thi
     assert "error: the locked set needs Python >= 3.11" in result.stderr
 
 
-def test_the_package_builds_with_every_module_and_chat_template(tmp_path):
-    """`pip install .` installs what the scripts import from medicalgpt/, the chat templates included (built from a
-    copy, so the checkout gets no build/ or .egg-info)."""
-    import shutil
-    import zipfile
-
-    source = tmp_path / "src"
-    shutil.copytree(ROOT / "medicalgpt", source / "medicalgpt", ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copy(ROOT / "pyproject.toml", source)
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory) -> Path:
+    """The wheel `pip install .` builds (from a copy, so the checkout gets no build/ or .egg-info)."""
+    work = tmp_path_factory.mktemp("wheel")
+    shutil.copytree(ROOT / "medicalgpt", work / "src" / "medicalgpt", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "pyproject.toml", work / "src")
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
-                    str(tmp_path / "dist"), str(source)], check=True, capture_output=True, timeout=120)
-    (wheel,) = (tmp_path / "dist").glob("medicalgpt-*.whl")
+                    str(work / "dist"), str(work / "src")], check=True, capture_output=True, timeout=120)
+    (built,) = (work / "dist").glob("medicalgpt-*.whl")
+    return built
+
+
+def test_the_package_builds_with_every_module_and_chat_template(wheel):
+    """`pip install .` installs what the scripts import from medicalgpt/, the chat templates included."""
     packaged = {name for name in zipfile.ZipFile(wheel).namelist() if name.startswith("medicalgpt/")}
-    expected = {path.relative_to(source).as_posix() for path in (source / "medicalgpt").rglob("*")
+    expected = {path.relative_to(ROOT).as_posix() for path in (ROOT / "medicalgpt").rglob("*")
                 if path.suffix in (".py", ".jinja")}
     assert "medicalgpt/chat_templates/chatml.jinja" in expected and not expected - packaged
+
+
+def test_installed_outside_a_checkout_what_needs_its_data_names_the_fix(wheel, tmp_path):
+    """The embedded default model and de-identification read the checkout's data/, which a wheel does not carry:
+    installed alone, each stops with a UsageError that says to install from a checkout."""
+    site = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site), str(wheel)],
+                   check=True, capture_output=True, timeout=120)
+    probe = ("import sys, medicalgpt\n"
+             "from medicalgpt.default_model import ensure_default_model\n"
+             "from medicalgpt.errors import UsageError\n"
+             "from medicalgpt.privacy import knowledge_terms\n"
+             "print('package:', medicalgpt.__file__)\n"
+             "for needs_data in (lambda: ensure_default_model(sys.argv[1]), knowledge_terms):\n"
+             "    try:\n"
+             "        needs_data()\n"
+             "    except UsageError as error:\n"
+             "        print('error:', error)\n")
+    run = subprocess.run([sys.executable, "-c", probe, str(tmp_path / "model")], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(site)}, check=True)
+    lines = run.stdout.splitlines()
+    assert f"package: {site / 'medicalgpt' / '__init__.py'}" in lines
+    errors = [line for line in lines if line.startswith("error: ")]
+    assert len(errors) == 2 and all("from a MedicalGPT checkout" in e and "pip install -e" in e for e in errors)
+    assert "data/pretrain/train" in errors[0] and "data/knowledge.py" in errors[1]
