@@ -21,7 +21,7 @@ from medicalgpt.data.collators import PackedRowsCollator
 from medicalgpt.errors import run_cli
 from medicalgpt.modeling import apply_lora, check_model_args, load_model, set_stop_tokens
 from medicalgpt.trainers import CPUFriendlySFTTrainer
-from medicalgpt.training import STAGE_DEFAULTS, load_chat_inputs, prepare_run, train_and_save
+from medicalgpt.training import STAGE_DEFAULTS, check_streaming, load_chat_inputs, prepare_run, train_and_save
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -30,6 +30,7 @@ def main(argv: list[str] | None = None) -> dict:
         defaults=STAGE_DEFAULTS,
         config=Path(__file__).with_name("configs") / "sft.yaml")
     check_model_args(model_args, lora_args)
+    check_streaming(data_args, training_args)
     resume = prepare_run(training_args)
 
     records, tokenizer, template = load_chat_inputs(model_args, data_args, training_args, to_conversation)
