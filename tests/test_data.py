@@ -13,6 +13,7 @@ from medicalgpt.data import (
     build_sft_splits,
     detect_format,
     load_splits,
+    sorted_by_length,
     to_conversation,
     to_text,
 )
@@ -223,3 +224,9 @@ def test_bad_record_deep_in_a_large_file_names_its_line(tmp_path):
     rows[4321] = {"body": "no text"}
     with pytest.raises(DataError, match=r"big\.jsonl:4322: unknown record format"):
         load_splits(data_args(train_file_dir=write_jsonl(tmp_path / "big.jsonl", rows)), to_text)
+
+
+def test_validation_sorted_by_length_keeps_every_sample():
+    split = Dataset.from_list([{"input_ids": [1] * n, "labels": [1] * n} for n in (5, 2, 9, 2, 7)])
+    ordered = sorted_by_length(split)
+    assert [len(ids) for ids in ordered["input_ids"]] == [2, 2, 5, 7, 9] and ordered.column_names == split.column_names

@@ -7,7 +7,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from itertools import chain
 
-from datasets import DatasetDict, IterableDatasetDict
+from datasets import Dataset, DatasetDict, IterableDatasetDict
 
 from medicalgpt.errors import DataError, UsageError
 from medicalgpt.templates import IGNORE_INDEX
@@ -98,6 +98,13 @@ def build_sft_splits(splits: Splits, tokenizer, template, max_length: int, train
                             f"{max_length}; raise --max_length")
         result[name] = kept.remove_columns("truncated")
     return DatasetDict(result)
+
+
+def sorted_by_length(split: Dataset) -> Dataset:
+    """The samples shortest first: evaluation batches of similar lengths pad little (unpacked validation batches
+    were ~40% padding, and evaluation ran at ~1.35x the tokens/s once sorted; benchmarks/README.md)."""
+    with_lengths = split.map(lambda ids: {"length": len(ids)}, input_columns="input_ids", desc="Sorting by length")
+    return with_lengths.sort("length").remove_columns("length")
 
 
 def pack_sft_splits(splits: Splits, max_length: int) -> Splits:
