@@ -18,7 +18,7 @@ from medicalgpt.args import LoraArguments, ModelArguments, PretrainDataArguments
 from medicalgpt.data import build_pretraining_splits, to_text
 from medicalgpt.errors import run_cli
 from medicalgpt.modeling import apply_lora, check_model_args, load_model, load_tokenizer
-from medicalgpt.training import STAGE_DEFAULTS, load_records, prepare_run, train_and_save
+from medicalgpt.training import STAGE_DEFAULTS, check_streaming, load_records, prepare_run, train_and_save
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -27,6 +27,7 @@ def main(argv: list[str] | None = None) -> dict:
         defaults=STAGE_DEFAULTS,
         config=Path(__file__).with_name("configs") / "pt.yaml")
     check_model_args(model_args, lora_args)
+    check_streaming(data_args, training_args)
     resume = prepare_run(training_args)
 
     records = load_records(data_args, to_text, training_args)  # bad data fails before any model loads

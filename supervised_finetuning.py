@@ -16,12 +16,12 @@ import medicalgpt.quiet  # noqa: F401  (before the libraries: it filters what th
 from trl import SFTConfig
 
 from medicalgpt.args import LoraArguments, ModelArguments, SFTDataArguments, parse_args
-from medicalgpt.data import build_sft_splits, pack_sft_splits, to_conversation
+from medicalgpt.data import build_sft_splits, pack_sft_splits, sorted_by_length, to_conversation
 from medicalgpt.data.collators import PackedRowsCollator
 from medicalgpt.errors import run_cli
 from medicalgpt.modeling import apply_lora, check_model_args, load_model, set_stop_tokens
 from medicalgpt.trainers import CPUFriendlySFTTrainer
-from medicalgpt.training import STAGE_DEFAULTS, load_chat_inputs, prepare_run, train_and_save
+from medicalgpt.training import STAGE_DEFAULTS, check_streaming, load_chat_inputs, prepare_run, train_and_save
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -30,6 +30,7 @@ def main(argv: list[str] | None = None) -> dict:
         defaults=STAGE_DEFAULTS,
         config=Path(__file__).with_name("configs") / "sft.yaml")
     check_model_args(model_args, lora_args)
+    check_streaming(data_args, training_args)
     resume = prepare_run(training_args)
 
     records, tokenizer, template = load_chat_inputs(model_args, data_args, training_args, to_conversation)
@@ -41,6 +42,8 @@ def main(argv: list[str] | None = None) -> dict:
         if pack_rows:
             splits = pack_sft_splits(splits, training_args.max_length)
             training_args.packing = False  # already packed: TRL must neither re-pack nor go padding-free
+        elif "validation" in splits and not data_args.streaming:
+            splits["validation"] = sorted_by_length(splits["validation"])
     model = apply_lora(load_model(model_args), lora_args, training_args)
     set_stop_tokens(model, tokenizer, template.stop_words)
 

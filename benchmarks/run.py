@@ -7,7 +7,8 @@
 
 Sections (CPU suite): sft (useful and total tokens/s, packing efficiency, peak memory; LoRA and full, with and
 without --packing), mfu (6·N·tokens/s over the measured fp32 matmul peak, with a profile), stages (PT, DPO, RM vs
-SFT), preprocessing (records/s), generation (one by one vs batched). benchmarks/README.md describes each.
+SFT), preprocessing (records/s, peak memory and cache reuse at 10k-1M records; evaluation tokens/s), generation (one
+by one vs batched). benchmarks/README.md describes each.
 """
 
 import argparse
@@ -196,6 +197,16 @@ def main(argv: list[str] | None = None) -> dict:
     return result
 
 
+def preprocessing_section(plan: Plan) -> dict:
+    """10k, 100k and 1M records (1,000 in this process in a quick run); evaluation on the default model."""
+    from benchmarks import preprocessing
+
+    if plan.quick:
+        return preprocessing.measure_preprocessing((1_000,), 1_000, eval_model=plan.model("tiny"), eval_samples=16,
+                                                   isolated=False)
+    return preprocessing.measure_preprocessing(eval_model=plan.model("default"))
+
+
 def run_cpu_suite(plan: Plan, result: dict, args: argparse.Namespace, save) -> None:
     import datasets
 
@@ -211,8 +222,7 @@ def run_cpu_suite(plan: Plan, result: dict, args: argparse.Namespace, save) -> N
             "sft": (lambda: sft_section(plan, workdir), sft_table),
             "mfu": (lambda: mfu_section(plan, workdir, result["sft"]), mfu_table),
             "stages": (lambda: stages_section(plan, workdir), lambda s: preference.table(s["rows"])),
-            "preprocessing": (lambda: preprocessing.measure_preprocessing(1_000 if plan.quick else 100_000),
-                              preprocessing.table),
+            "preprocessing": (lambda: preprocessing_section(plan), preprocessing.table),
             "generation": (lambda: generation_section(plan, workdir), lambda s: generation.table(s["rows"])),
             "compare_llamafactory": (lambda: compare_section(plan, workdir), lambda s: llamafactory.table(s["rows"])),
         }

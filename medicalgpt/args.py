@@ -86,7 +86,15 @@ class DataArguments:
 
 
 @dataclass
-class PretrainDataArguments(DataArguments):
+class StreamingArguments:
+    streaming: bool = field(default=False, metadata={
+        "help": "PT and SFT: read the data as training consumes it, for data larger than memory or disk cache: needs "
+                "--max_steps; records are shuffled within a 10,000-record buffer, no validation split is held out "
+                "(give --validation_file_dir), and a bad record stops training when it is reached."})
+
+
+@dataclass
+class PretrainDataArguments(StreamingArguments, DataArguments):
     block_size: int = field(default=512, metadata={"help": "Tokens per training block (documents are concatenated)."})
 
 
@@ -101,7 +109,7 @@ class ChatDataArguments(DataArguments):
 
 
 @dataclass
-class SFTDataArguments(ChatDataArguments):
+class SFTDataArguments(StreamingArguments, ChatDataArguments):
     train_on_inputs: bool = field(default=False, metadata={
         "help": "Also train on system/user tokens (default: loss on assistant tokens only)."})
 
@@ -211,8 +219,8 @@ def flag_reference(dataclass_type: type) -> str:
 
 def flag_reference_markdown() -> str:
     """The flag reference of every shared argument group, as docs/flags.md shows it."""
-    groups = (ModelArguments, LoraArguments, DataArguments, PretrainDataArguments, ChatDataArguments,
-              SFTDataArguments, PreferenceDataArguments, RunArguments)
+    groups = (ModelArguments, LoraArguments, DataArguments, StreamingArguments, PretrainDataArguments,
+              ChatDataArguments, SFTDataArguments, PreferenceDataArguments, RunArguments)
     return "\n\n".join(f"#### {group.__name__}\n\n{flag_reference(group)}" for group in groups)
 
 

@@ -148,6 +148,12 @@ def keep_token_out_of_outputs(training_args) -> None:
         training_args.hub_token = None
 
 
+def check_streaming(data_args, training_args) -> None:
+    """--streaming reads data of unknown length: the run's length must come from --max_steps."""
+    if data_args.streaming and training_args.max_steps <= 0:
+        raise UsageError("--streaming reads data of unknown length: pass --max_steps (optimizer steps to train)")
+
+
 def prepare_run(training_args) -> str | None:
     """Logging, argument checks and seeding; returns the checkpoint to resume from."""
     keep_token_out_of_outputs(training_args)

@@ -1,10 +1,16 @@
 """Session fixtures: the tiny default tokenizer/model are built once per test session."""
 
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+# Each session its own datasets cache (set before datasets is imported): no test reuses another run's records.
+os.environ["HF_DATASETS_CACHE"] = tempfile.mkdtemp(prefix="medicalgpt-test-datasets-")
+atexit.register(shutil.rmtree, os.environ["HF_DATASETS_CACHE"], ignore_errors=True)
 
 import signal  # noqa: E402
 

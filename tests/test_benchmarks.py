@@ -47,7 +47,10 @@ def test_quick_cpu_suite(tmp_path):
     assert stages["sft"]["step_vs_sft"] == 1 and all(r["step_seconds"] > 0 for r in stages.values())
 
     files = len(list(preprocessing.SHIPPED.glob("*.jsonl")))  # the 1,000 quick records, split evenly over them
-    assert result["preprocessing"]["records"] == 1000 // files * files and result["preprocessing"]["records_per_s"] > 0
+    (prepared,) = result["preprocessing"]["rows"]
+    assert prepared["records"] == 1000 // files * files and prepared["template_records_per_s"] > 0
+    assert prepared["second_s"] < prepared["first_s"]  # the second run reads the cache
+    assert result["preprocessing"]["evaluation"]["eval_sorted_tokens_per_s"] > 0
     assert [r["batch_size"] for r in result["generation"]["rows"]] == [1, 4]
     assert all("met" in t for section in ("sft", "mfu", "stages", "generation")
                for t in result[section]["targets"].values())

@@ -1,6 +1,7 @@
 """Data layer: format detection and normalisation, file:line errors, skips, splits, processors."""
 
 import json
+import logging
 from types import SimpleNamespace
 
 import pytest
@@ -12,6 +13,7 @@ from medicalgpt.data import (
     build_sft_splits,
     detect_format,
     load_splits,
+    sorted_by_length,
     to_conversation,
     to_text,
 )
@@ -181,3 +183,50 @@ def test_sft_truncation_drops_samples_without_assistant_tokens(tokenizer, caplog
     with pytest.raises(DataError, match="raise --max_length"):
         build_sft_splits(DatasetDict({"train": Dataset.from_list([long_question])}), tokenizer,
                          get_template("chatml"), max_length=32)
+
+
+def test_second_load_reuses_the_cache_with_its_report(tmp_path, caplog):
+    path = write_jsonl(tmp_path / "mixed.jsonl", [SHAREGPT, "not json", SHAREGPT])
+    caplog.set_level(logging.INFO)
+    first = load_splits(data_args(train_file_dir=path, skip_bad_records=True), to_conversation)
+    caplog.clear()
+    second = load_splits(data_args(train_file_dir=path, skip_bad_records=True), to_conversation)
+    assert "Reusing the records read before" in caplog.text
+    assert "Skipped 1 bad records" in caplog.text and "mixed.jsonl:2" in caplog.text  # the report came with the cache
+    assert second["train"].to_list() == first["train"].to_list()
+    write_jsonl(tmp_path / "mixed.jsonl", [SHAREGPT])  # a changed file is read again
+    caplog.clear()
+    assert len(load_splits(data_args(train_file_dir=path, skip_bad_records=True), to_conversation)["train"]) == 1
+    assert "Reusing" not in caplog.text
+
+
+def test_tokenised_splits_are_reused_from_the_cache(tmp_path, tokenizer):
+    path = write_jsonl(tmp_path / "sft.jsonl", [SHAREGPT] * 3)
+    encode = [build_sft_splits(load_splits(data_args(train_file_dir=path), to_conversation), tokenizer,
+                               get_template("chatml"), max_length=64)["train"] for _ in range(2)]
+    assert encode[0].cache_files == encode[1].cache_files and encode[1].cache_files
+    assert encode[0]._fingerprint == encode[1]._fingerprint
+
+
+def test_automatic_validation_split_is_capped_and_logged(tmp_path, monkeypatch, caplog):
+    caplog.set_level(logging.INFO)
+    monkeypatch.setattr("medicalgpt.data.loading.MAX_AUTO_VALIDATION", 3)
+    path = write_jsonl(tmp_path / "pt.jsonl", [{"text": f"doc {i}"} for i in range(20)])
+    splits = load_splits(data_args(train_file_dir=path, validation_split_percentage=50), to_text)
+    assert (len(splits["train"]), len(splits["validation"])) == (17, 3)
+    assert sorted([*splits["train"]["text"], *splits["validation"]["text"]]) == sorted(f"doc {i}" for i in range(20))
+    assert "Held out 3 of 20 training records for validation (--validation_split_percentage 50, capped at 3" \
+        in caplog.text
+
+
+def test_bad_record_deep_in_a_large_file_names_its_line(tmp_path):
+    rows = [{"text": f"doc {i}"} for i in range(5000)]
+    rows[4321] = {"body": "no text"}
+    with pytest.raises(DataError, match=r"big\.jsonl:4322: unknown record format"):
+        load_splits(data_args(train_file_dir=write_jsonl(tmp_path / "big.jsonl", rows)), to_text)
+
+
+def test_validation_sorted_by_length_keeps_every_sample():
+    split = Dataset.from_list([{"input_ids": [1] * n, "labels": [1] * n} for n in (5, 2, 9, 2, 7)])
+    ordered = sorted_by_length(split)
+    assert [len(ids) for ids in ordered["input_ids"]] == [2, 2, 5, 7, 9] and ordered.column_names == split.column_names
