@@ -51,7 +51,7 @@ def index(argv: list[str]) -> None:
                           args.max_file_mb)
     print(f"Indexed {summary['files']} documents into {args.index_dir}: {summary['chunks']} chunks; "
           f"{summary['updated']} read, {summary['reused']} unchanged, {summary['removed']} removed, "
-          f"{summary['skipped']} skipped; {summary['seconds']} s")
+          f"{len(summary['skipped'])} skipped; {summary['seconds']} s")
 
 
 def query(argv: list[str]) -> None:

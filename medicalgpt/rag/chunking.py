@@ -50,7 +50,8 @@ def _join(sentences: list[tuple[str, Passage]]) -> str:
 
 def chunk_passages(passages: list[Passage], size: int = 200, overlap: int = 40) -> list[Chunk]:
     """Consecutive sentences packed into chunks of at most `size` tokens; each chunk starts with the last sentences
-    (up to `overlap` tokens) of the one before, and is located at its first new sentence's page or line."""
+    (up to `overlap` tokens) of the one before, and is located at its first new sentence's page or line. A new page
+    starts a new chunk, so that a page cited is the page the text is on."""
     if size < 1 or not 0 <= overlap < size:
         raise ValueError(f"chunk size {size} and overlap {overlap}: need size >= 1 and 0 <= overlap < size")
     sentences = [(piece, passage) for passage in passages for sentence in split_sentences(passage.text)
@@ -60,7 +61,11 @@ def chunk_passages(passages: list[Passage], size: int = 200, overlap: int = 40) 
     fresh = 0  # where the chunk's own sentences start, after the overlap: its page or line is theirs
     for text, passage in sentences:
         tokens = count_tokens(text)
-        if current and sum(t for _, _, t in current) + tokens > size:
+        new_page = current and passage.page != current[-1][1].page
+        if new_page:
+            chunks.append(_chunk(current, current[fresh][1]))
+            current, fresh = [], 0
+        elif current and sum(t for _, _, t in current) + tokens > size:
             chunks.append(_chunk(current, current[fresh][1]))
             kept, total = [], 0
             for sentence in reversed(current):  # the overlap: whole sentences from the end

@@ -5,7 +5,6 @@ file that cannot be read is skipped with a one-line warning naming it. Loading r
 changed since it was built, naming them and the command that updates it.
 """
 
-import hashlib
 import json
 import os
 import shutil
@@ -108,23 +107,23 @@ def build_index(sources: list[str], index_dir: str, chunk_size: int = 200, chunk
             file_chunks = old_chunks[rows]
             reused += 1
         else:
+            reason = None
             try:
                 data = load_document(path, int(max_file_mb * 2**20))
-            except SkippedFile as reason:
-                warn(f"{path}: {reason}; skipped")
-                skipped[key] = {**stamp, "reason": str(reason)}
-                continue
+            except SkippedFile as error:
+                reason = str(error)
             except OSError as error:
-                warn(f"{path}: cannot read it ({error.strerror}); skipped")
-                skipped[key] = {**stamp, "reason": error.strerror}
+                reason = f"cannot read it ({error.strerror})"
+            if reason:
+                warn(f"{path}: {reason}; skipped")
+                skipped[key] = {**stamp, "reason": reason}
                 continue
             file_chunks = [{"file": name, **asdict(c)} for c in chunk_passages(data, chunk_size, chunk_overlap)]
         if embedding_model:
             vectors.append(old_vectors[rows] if rows is not None and old_vectors is not None else None)
             if vectors[-1] is None:  # embedded below, in one pass over every new or changed file
                 new_texts.append((len(vectors) - 1, [c["text"] for c in file_chunks]))
-        files[key] = {"name": name, **stamp, "sha256": _sha256(path), "chunks": [len(chunks),
-                                                                                 len(chunks) + len(file_chunks)]}
+        files[key] = {"name": name, **stamp, "chunks": [len(chunks), len(chunks) + len(file_chunks)]}
         chunks += file_chunks
     if not chunks:
         raise UsageError(f"nothing to index in {', '.join(sources)}: no readable .txt/.md/.pdf/.docx/.jsonl "
@@ -146,17 +145,10 @@ def build_index(sources: list[str], index_dir: str, chunk_size: int = 200, chunk
     if index_dir.exists():
         shutil.rmtree(index_dir)
     os.replace(staging, index_dir)  # a reader never sees a half-written index
-    return {"files": len(files), "reused": reused, "updated": len(files) - reused, "skipped": len(skipped),
+    return {"files": len(files), "reused": reused, "updated": len(files) - reused,
+            "skipped": [f"{Path(path).name}: {entry['reason']}; skipped" for path, entry in skipped.items()],
             "removed": len(set(old["files"]) - set(files)), "chunks": len(chunks),
             "seconds": round(time.perf_counter() - start, 2)}
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _read_chunks(index_dir: Path) -> list[dict]:
