@@ -11,7 +11,9 @@ Metrics (each from its own flag):
   with the reward functions (--reward_funcs);
 - sample answers to held-out conversations (--questions_file), printed beside the references;
 - a distilled student's distance from its teacher (--teacher_model): the mean per-token KL(teacher || student)
-  on the reference answers of held-out conversations (--kl_file).
+  on the reference answers of held-out conversations (--kl_file);
+- retrieval over a document index (--rag_index, built by rag.py): recall@1 and @k of each question's source document
+  (--rag_questions: question / answer / source), and answer accuracy with and without the retrieved chunks.
 
 Each run appends {"name", "metrics", "samples"} to --results_file (JSON lines) and prints the table of all rows:
 
@@ -53,6 +55,8 @@ from medicalgpt.modeling import (
     set_stop_tokens,
     with_adapter_base,
 )
+from medicalgpt.rag.grounding import grounded_messages
+from medicalgpt.rag.index import RagArguments, RagIndex
 from medicalgpt.report import markdown
 from medicalgpt.rewards import choice_accuracy, load_reward_functions, reward_funcs_field
 from medicalgpt.serving import AdapterArguments
@@ -83,6 +87,8 @@ class EvalArguments(AdapterArguments):
         "help": "Report the KL of this teacher's next-token distributions from the model's (distillation)."})
     kl_file: str = field(default="data/sft/validation", metadata={
         "help": "Conversations whose reference answers --teacher_model's KL is measured on."})
+    rag_questions: str = field(default="data/rag/questions.jsonl", metadata={
+        "help": "With --rag_index: questions (question / answer / source document) the documents answer."})
     max_new_tokens: int = field(default=64)
     batch_size: int = field(default=8)
     results_file: str | None = field(default=None, metadata={"help": "Append the metrics row here (JSON lines)."})
@@ -131,17 +137,47 @@ def mcq_generate_accuracy(model, tokenizer, template, records: list[dict], args:
     return sum(score or 0.0 for score in scores) / len(records)
 
 
-def answer_accuracy(model, tokenizer, template, args: EvalArguments) -> float:
-    """Mean reward of generated answers to questions with verifiable answers."""
-    questions = _records(args.answer_file, to_grpo)
-    prompts = [template.encode_prompt(tokenizer, q["prompt"]) for q in questions]
-    answers = generate(model, tokenizer, prompts, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+def answer_accuracy(model, tokenizer, template, args: EvalArguments, prompts: list[list[dict]] | None = None,
+                    references: list[str] | None = None) -> float:
+    """Mean reward of generated answers to questions with verifiable answers (--answer_file's, or those given)."""
+    if prompts is None:
+        questions = _records(args.answer_file, to_grpo)
+        prompts, references = questions["prompt"], questions["answer"]
+    answers = generate(model, tokenizer, [template.encode_prompt(tokenizer, p) for p in prompts],
+                       max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
     completions = [[{"role": "assistant", "content": a}] for a in answers]
     totals = [0.0] * len(answers)
     for fn in load_reward_functions(args.reward_funcs.split(",")):
-        scores = fn(completions=completions, prompts=questions["prompt"], answer=questions["answer"])
+        scores = fn(completions=completions, prompts=prompts, answer=references)
         totals = [t + (s or 0.0) for t, s in zip(totals, scores, strict=True)]
     return sum(totals) / len(totals)
+
+
+def rag_question(record: object) -> dict:
+    """A question answered by one document: to_grpo's prompt and answer, and the document's name in the index."""
+    if not isinstance(record, dict) or not isinstance(record.get("source"), str):
+        raise DataError("source: missing (the name of the document that answers the question)")
+    return {**to_grpo(record), "source": record["source"]}
+
+
+def rag_metrics(model, tokenizer, template, args: EvalArguments, rag_args: RagArguments) -> dict:
+    """How often the top 1 and top k retrieved chunks include the question's source document, and answer accuracy
+    with and without them in the prompt."""
+    index = RagIndex(rag_args.rag_index, rag_args.reranker_model)
+    questions = [record for file in find_data_files(args.rag_questions) for record in convert_records(
+        iter_records(file), rag_question, LoadReport(), skip_bad_records=False, skip_flag=None)]
+    k = rag_args.rag_top_k
+    hits = [index.search(q["prompt"][-1]["content"], k, rag_args.retrieval) for q in questions]
+    found = [[hit.file for hit in question_hits] for question_hits in hits]
+    references = [q["answer"] for q in questions]
+    return {
+        "rag_recall@1": sum(q["source"] in files[:1] for q, files in zip(questions, found)) / len(questions),
+        f"rag_recall@{k}": sum(q["source"] in files for q, files in zip(questions, found)) / len(questions),
+        "answer_accuracy_no_rag": answer_accuracy(model, tokenizer, template, args, [q["prompt"] for q in questions],
+                                                  references),
+        "answer_accuracy_rag": answer_accuracy(model, tokenizer, template, args, [
+            grounded_messages(q["prompt"], question_hits) for q, question_hits in zip(questions, hits)], references),
+    }
 
 
 def preference_metrics(model, model_args, tokenizer, template, args: EvalArguments) -> dict:
@@ -175,7 +211,7 @@ def distance_from_teacher(model, model_args, tokenizer, template, args: EvalArgu
     return teacher_kl(model, teacher, pairs, args.batch_size)
 
 
-def evaluate_model(model_args: ModelArguments, args: EvalArguments) -> dict:
+def evaluate_model(model_args: ModelArguments, args: EvalArguments, rag_args: RagArguments | None = None) -> dict:
     """Every requested metric of one model, and its sample answers."""
     model_args = with_adapter_base(model_args, args.lora_model)
     tokenizer = load_tokenizer(model_args, args.lora_model)
@@ -198,14 +234,16 @@ def evaluate_model(model_args: ModelArguments, args: EvalArguments) -> dict:
         metrics["answer_accuracy"] = answer_accuracy(model, tokenizer, template, args)
     if args.teacher_model:
         metrics["teacher_kl"] = distance_from_teacher(model, model_args, tokenizer, template, args)
+    if rag_args and rag_args.rag_index:
+        metrics.update(rag_metrics(model, tokenizer, template, args, rag_args))
     if args.questions_file:
         samples = sample_answers(model, tokenizer, template, args)
     return {"name": args.name, "metrics": metrics, "samples": samples}
 
 
 def main(argv: list[str] | None = None) -> dict:
-    model_args, args = parse_args((ModelArguments, EvalArguments), argv)
-    row = evaluate_model(model_args, args)
+    model_args, args, rag_args = parse_args((ModelArguments, EvalArguments, RagArguments), argv)
+    row = evaluate_model(model_args, args, rag_args)
     for sample in row["samples"]:
         print(f"Q: {sample['question']}\n   reference: {sample['reference']}\n   {args.name}: {sample['answer']}")
     rows = [row]

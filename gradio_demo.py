@@ -3,6 +3,10 @@
     python gradio_demo.py --base_model outputs-merged
     python gradio_demo.py --base_model Qwen/Qwen2.5-0.5B-Instruct --lora_model outputs-sft --server_port 7860
 
+Documents uploaded in the Settings (.txt/.md/.pdf/.docx/.jsonl) are indexed as rag.py does, and each answer is
+grounded in their best chunks with the sources listed under it; --rag_index answers from an index built by rag.py
+when nothing is uploaded.
+
 It listens on 127.0.0.1 only; --server_name 0.0.0.0 opens it to the network, --share makes a public link.
 Sign-in (Gradio's own): MEDICALGPT_DEMO_AUTH=user:password, or --auth_file with one user:password per line; a
 password never goes on the command line, where other users of the machine can read it.
@@ -10,6 +14,7 @@ password never goes on the command line, where other users of the machine can re
 
 import logging
 import os
+import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +23,9 @@ import gradio as gr
 
 from medicalgpt.args import parse_args
 from medicalgpt.errors import UsageError, run_cli
+from medicalgpt.rag.grounding import format_sources, grounded_messages
+from medicalgpt.rag.index import Hit, RagArguments, RagIndex, build_index
+from medicalgpt.rag.loaders import DOCUMENT_SUFFIXES
 from medicalgpt.serving import (
     LOOPBACK,
     BaseModelArguments,
@@ -32,6 +40,7 @@ from medicalgpt.serving import (
 
 logger = logging.getLogger(__name__)
 ERROR_NOTE = "\n\n⚠️ "  # starts the note a reply ends with when it failed; dropped from the history sent back
+SOURCES_NOTE = "\n\n**Sources**\n"  # starts the sources under a grounded reply; dropped from the history too
 DISCLAIMER = ("A research demo of a language model, not a doctor: its answers can be wrong or harmful. It does not "
               "give medical advice; for a diagnosis or treatment see a qualified professional, and in an emergency "
               "call your local emergency number.")
@@ -66,8 +75,8 @@ def normalise_history(history: list[dict]) -> list[dict]:
     a list of {"type": "text", "text": ...} parts, gradio_client as a string). A failed reply loses the note that
     ended it: the note is for the reader, not the model."""
     messages = [{"role": m["role"], "content": message_text(m["content"])} for m in history]
-    return [{**m, "content": m["content"].partition(ERROR_NOTE)[0]} if m["role"] == "assistant" else m
-            for m in messages]
+    return [{**m, "content": m["content"].partition(ERROR_NOTE)[0].partition(SOURCES_NOTE)[0]}
+            if m["role"] == "assistant" else m for m in messages]
 
 
 def conversation(message: str, history: list[dict], system_prompt: str) -> list[dict]:
@@ -83,21 +92,45 @@ def conversation(message: str, history: list[dict], system_prompt: str) -> list[
     return messages
 
 
-def responder(chat: ChatModel) -> Callable[..., Iterator[str]]:
-    """ChatInterface's fn: yields the reply so far after every generated piece. It never raises: an error ends the
-    reply with a note saying what went wrong, and the chat stays usable (Gradio would leave the textbox disabled)."""
+class Documents:
+    """What answers are grounded in: the uploaded documents (indexed in a folder of the demo's own, only new or
+    changed files read again), else the --rag_index index, else nothing."""
+
+    def __init__(self, rag_args: RagArguments):
+        self.args = rag_args
+        self.fixed = RagIndex(rag_args.rag_index, rag_args.reranker_model) if rag_args.rag_index else None
+        self.upload_index = str(Path(tempfile.mkdtemp(prefix="medicalgpt-demo-")) / "index")
+
+    def search(self, question: str, files: list[str] | None) -> tuple[list[Hit], list[str]]:
+        """The question's best chunks, and a note for each uploaded file that could not be read."""
+        index, notes = self.fixed, []
+        if files:
+            notes = build_index(files, self.upload_index)["skipped"]
+            index = RagIndex(self.upload_index, self.args.reranker_model)
+        return (index.search(question, self.args.rag_top_k, self.args.retrieval) if index else []), notes
+
+
+def responder(chat: ChatModel, documents: Documents | None = None) -> Callable[..., Iterator[str]]:
+    """ChatInterface's fn: yields the reply so far after every generated piece, then the sources it was grounded in.
+    It never raises: an error ends the reply with a note saying what went wrong, and the chat stays usable (Gradio
+    would leave the textbox disabled)."""
 
     def respond(message: str, history: list[dict], system_prompt: str, temperature: float, top_p: float,
-                max_new_tokens: int) -> Iterator[str]:
+                max_new_tokens: int, files: list[str] | None = None) -> Iterator[str]:
         reply = ""
         try:
-            prompt = chat.encode(conversation(message, history, system_prompt))
+            messages = conversation(message, history, system_prompt)
+            hits, notes = documents.search(message, files) if documents else ([], [])
+            prompt = chat.encode(grounded_messages(messages, hits))
             # The slider's value is a default cut to the room the context leaves; no room is the API's 400 message.
             budget = completion_budget(len(prompt), None, int(max_new_tokens), context_length(chat.model))
             # Sliders send whole numbers as int (temperature 2), which generate() refuses: coerce.
             for piece in chat.stream(prompt, budget, temperature=float(temperature), top_p=float(top_p)):
                 reply += piece
                 yield reply
+            if hits or notes:
+                listed = format_sources(hits).replace("\n", "  \n")  # one line each in Markdown
+                yield reply + SOURCES_NOTE + "  \n".join([listed, *(f"⚠️ {note}" for note in notes)]).strip()
         except UsageError as error:
             yield (reply + ERROR_NOTE + str(error)).lstrip()
         except Exception as error:
@@ -112,29 +145,35 @@ def has_text(message: str) -> dict:
     return gr.validate(bool(message.strip()), "Type a question first.")
 
 
-def build_demo(chat: ChatModel, args: DemoArguments, max_new_tokens: int = 512) -> gr.ChatInterface:
-    """The chat page, with a disclaimer and example questions; the chatbot's own trash button clears it."""
+def build_demo(chat: ChatModel, args: DemoArguments, max_new_tokens: int = 512,
+               rag_args: RagArguments | None = None) -> gr.ChatInterface:
+    """The chat page, with a disclaimer, example questions and documents to answer from; the chatbot's own trash
+    button clears it."""
     controls = [
         gr.Textbox(args.system_prompt, label="System prompt", lines=2),
         gr.Slider(0.0, 2.0, value=args.temperature, step=0.05, label="Temperature (0 = greedy)"),
         gr.Slider(0.05, 1.0, value=args.top_p, step=0.05, label="Top-p"),
         gr.Slider(1, max(2048, max_new_tokens), value=max_new_tokens, step=1, label="Max new tokens"),
+        gr.File(label="Documents to answer from (answers cite them)", file_count="multiple", type="filepath",
+                file_types=list(DOCUMENT_SUFFIXES)),
     ]
-    return gr.ChatInterface(responder(chat), additional_inputs=controls, title="MedicalGPT", description=DISCLAIMER,
+    respond = responder(chat, Documents(rag_args or RagArguments()))
+    return gr.ChatInterface(respond, additional_inputs=controls, title="MedicalGPT", description=DISCLAIMER,
                             examples=[[question] for question in EXAMPLES],  # the settings stay as they are
                             additional_inputs_accordion=gr.Accordion("Settings", open=False),
                             validator=has_text, api_name="chat", analytics_enabled=False)  # no calls home: offline
 
 
 def main(argv: list[str] | None = None) -> None:
-    model_args, serve_args, demo_args = parse_args((BaseModelArguments, ServeArguments, DemoArguments), argv)
+    model_args, serve_args, demo_args, rag_args = parse_args(
+        (BaseModelArguments, ServeArguments, DemoArguments, RagArguments), argv)
     auth = read_auth(demo_args.auth_file)
     chat = load_chat_model(model_args, serve_args)
     if not auth and (demo_args.share or demo_args.server_name not in LOOPBACK):
         logger.warning("Serving the chat on %s without a sign-in: anyone who can reach it can use it (set "
                        "MEDICALGPT_DEMO_AUTH=user:password or --auth_file)",
                        "a public gradio.live link" if demo_args.share else demo_args.server_name)
-    demo = build_demo(chat, demo_args, serve_args.max_new_tokens)
+    demo = build_demo(chat, demo_args, serve_args.max_new_tokens, rag_args)
     demo.queue().launch(server_name=demo_args.server_name, server_port=demo_args.server_port, share=demo_args.share,
                         auth=auth)
 

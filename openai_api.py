@@ -7,7 +7,10 @@
         -d '{"model": "medicalgpt", "messages": [{"role": "user", "content": "高血压用什么药？"}]}'
 
 Any OpenAI client works (base_url=http://127.0.0.1:8000/v1). One model serves one request at a time;
-the others queue. --backend vllm hands the same flags to vLLM's own OpenAI server (CUDA GPU only).
+the others queue. With --rag_index (an index built by rag.py) each request's last user turn is answered from the
+top --rag_top_k chunks, and the response carries them as an extra top-level field "sources" (in the first chunk
+when streamed): [{"id": n, "file", "page", "line", "score", "text"}], where [n] in the answer cites source n.
+--backend vllm hands the same flags to vLLM's own OpenAI server (CUDA GPU only).
 """
 
 import importlib.util
@@ -16,8 +19,9 @@ import os
 import secrets
 import sys
 import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import anyio
@@ -44,6 +48,8 @@ from medicalgpt.openai_protocol import (
     sse,
     token_logprob,
 )
+from medicalgpt.rag.grounding import grounded_messages, last_user_text, sources
+from medicalgpt.rag.index import Hit, RagArguments, RagIndex
 from medicalgpt.reasoning import ReasoningSplitter, split_reasoning
 from medicalgpt.serving import (
     LOOPBACK,
@@ -101,9 +107,9 @@ class Completion:
     """One request's generation: its text cut at the stop strings, its token usage and finish reason."""
 
     def __init__(self, chat: ChatModel, request: ChatCompletionRequest, max_new_tokens: int,
-                 max_model_len: int | None = None):
+                 max_model_len: int | None = None, hits: list[Hit] | None = None):
         self.chat, self.request = chat, request
-        self.prompt = chat.encode(request.conversation())
+        self.prompt = chat.encode(grounded_messages(request.conversation(), hits or []))
         self.max_new_tokens = completion_budget(len(self.prompt), request.max_completion_tokens or request.max_tokens,
                                                 max_new_tokens, max_model_len)
         self.stop = threading.Event()  # set when the client goes away
@@ -297,8 +303,10 @@ def add_error_handlers(app: FastAPI) -> None:
 
 def create_app(chat: ChatModel, model_name: str = "medicalgpt", api_key: str | None = None,
                max_new_tokens: int = 512, max_model_len: int | None = None, docs: bool = False,
-               max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES) -> FastAPI:
-    """The API around one chat model; max_model_len defaults to the model's context length.
+               max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+               search: Callable[[str], list[Hit]] | None = None) -> FastAPI:
+    """The API around one chat model; max_model_len defaults to the model's context length. With `search` (a
+    question's document chunks), answers are grounded in them and return them as "sources".
 
     Requests wait for their `turn` in the event loop, not in worker threads: queued requests then cannot fill
     the thread pool that the running generation needs to make progress.
@@ -323,14 +331,17 @@ def create_app(chat: ChatModel, model_name: str = "medicalgpt", api_key: str | N
         if unsupported := request.unsupported():
             raise ApiError(400, unsupported[1], param=unsupported[0])
         # Rendering and tokenising a long prompt takes a while: in a worker thread, so other requests go on.
-        completion = await run_in_threadpool(Completion, chat, request, max_new_tokens, max_model_len)
+        hits = await run_in_threadpool(search, last_user_text(request.conversation())) if search else None
+        extra = {"sources": sources(hits)} if hits is not None else {}
+        completion = await run_in_threadpool(Completion, chat, request, max_new_tokens, max_model_len, hits)
         if request.stream:
-            return StreamingResponse(stream_events(completion, ChunkWriter(model_name), turn),
+            return StreamingResponse(stream_events(completion, ChunkWriter(model_name, extra), turn),
                                      media_type="text/event-stream")
         text = await complete(completion, turn, http_request)
         logprobs = await run_in_threadpool(completion.logprobs, text)  # a softmax over the vocabulary per token
         reasoning, text = split_reasoning(text) if chat.reasoning else (None, text)
-        return completion_body(model_name, text, completion.finish_reason, completion.usage(), logprobs, reasoning)
+        return {**completion_body(model_name, text, completion.finish_reason, completion.usage(), logprobs,
+                                  reasoning), **extra}
 
     return app
 
@@ -373,17 +384,22 @@ def read_api_key(path: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    model_args, serve_args, api_args = parse_args((BaseModelArguments, ServeArguments, ApiArguments), argv)
+    model_args, serve_args, api_args, rag_args = parse_args(
+        (BaseModelArguments, ServeArguments, ApiArguments, RagArguments), argv)
     api_key = read_api_key(api_args.api_key_file) if api_args.api_key_file else os.environ.get("MEDICALGPT_API_KEY")
     if api_args.backend == "vllm":
+        if rag_args.rag_index:
+            raise UsageError("--rag_index works with --backend transformers only (vLLM's server has no retrieval)")
         check_vllm()
         cmd = vllm_command(model_args, serve_args, api_args)
         os.execvpe(cmd[0], cmd, {**os.environ, "VLLM_API_KEY": api_key} if api_key else dict(os.environ))
+    search = partial(RagIndex(rag_args.rag_index, rag_args.reranker_model).search, k=rag_args.rag_top_k,
+                     retrieval=rag_args.retrieval) if rag_args.rag_index else None  # a stale index stops here
     chat = load_chat_model(model_args, serve_args)
     if api_args.host not in LOOPBACK and not api_key:
         logger.warning("Serving on %s without an API key: anyone who can reach it can use it", api_args.host)
     uvicorn.run(create_app(chat, api_args.model_name, api_key, serve_args.max_new_tokens, api_args.max_model_len,
-                           api_args.docs, api_args.max_request_bytes), host=api_args.host, port=api_args.port)
+                           api_args.docs, api_args.max_request_bytes, search), host=api_args.host, port=api_args.port)
 
 
 if __name__ == "__main__":

@@ -170,8 +170,10 @@ def closest_flags(unknown: list[str], parser: HfArgumentParser) -> str:
 
 
 def parse_args(dataclass_types: tuple[type, ...], args: list[str] | None = None,
-               defaults: dict[str, Any] | None = None, config: str | Path | None = None) -> tuple:
-    """Parse CLI flags (optionally after a leading config.json/.yaml) into the given dataclasses.
+               defaults: dict[str, Any] | None = None, config: str | Path | None = None,
+               positional: str | None = None) -> tuple:
+    """Parse CLI flags (optionally after a leading config.json/.yaml) into the given dataclasses; with
+    `positional` (a name), one or more positional arguments too, returned as a list after the groups.
 
     Precedence: command-line flags > the leading config file > the stage's own config (`config`, its
     configs/<stage>.yaml) > `defaults` (values that depend on the machine) > the dataclass defaults.
@@ -183,6 +185,8 @@ def parse_args(dataclass_types: tuple[type, ...], args: list[str] | None = None,
     parser = HfArgumentParser(parsed_types, allow_abbrev=False, conflict_handler="resolve")
     known = {f.name for dataclass_type in parsed_types for f in fields(dataclass_type)}
     parser.set_defaults(**{k: v for k, v in (defaults or {}).items() if k in known})
+    if positional:
+        parser.add_argument(positional, nargs="+", metavar=positional.upper())
     if config is not None:
         parser.set_defaults(**_config_file_defaults(config, parser))
     argv = list(sys.argv[1:] if args is None else args)
@@ -203,7 +207,7 @@ def parse_args(dataclass_types: tuple[type, ...], args: list[str] | None = None,
         if type(group) in training:
             for f in fields(RunArguments):
                 setattr(group, f.name, values[f.name])
-    return groups
+    return (*groups, values[positional]) if positional else groups
 
 
 def flag_reference(dataclass_type: type) -> str:

@@ -140,12 +140,14 @@ class StopStrings:
 class ChunkWriter:
     """Server-sent events of one streamed completion, each `data: {json}` and a blank line."""
 
-    def __init__(self, model: str):
+    def __init__(self, model: str, first: dict | None = None):
         self.base = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion.chunk",
                      "created": int(time.time()), "model": model}
+        self.first = first or {}  # extra fields of the first chunk only (a --rag_index answer's sources)
 
     def choice(self, delta: dict, finish_reason: str | None = None) -> str:
-        return sse({**self.base, "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}]})
+        extra, self.first = self.first, {}
+        return sse({**self.base, "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}], **extra})
 
     def usage(self, usage: dict) -> str:
         return sse({**self.base, "choices": [], "usage": usage})
