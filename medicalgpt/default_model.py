@@ -31,14 +31,15 @@ SPECIAL_TOKENS = [EOS_TOKEN, "<|im_start|>", "<|im_end|>"]
 HAN_OR_DIGIT = Regex(r"\p{Han}|\p{N}")
 
 MODEL_SIZES = {
-    # ~4.5M parameters: learns the sample corpus on 2 CPU cores in minutes.
+    # The demo's and the stages' default: small enough to learn the sample corpus on a CPU (sizes and timings:
+    # benchmarks/README.md).
     "default": dict(hidden_size=256, intermediate_size=704, num_hidden_layers=4, num_attention_heads=4,
                     num_key_value_heads=2),
-    # For benchmarks: ~27M parameters, enough that the model's own memory shows against the runtime's.
+    # For benchmarks: large enough that the model's own memory shows against the runtime's.
     "large": dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=8, num_attention_heads=8,
                   num_key_value_heads=4),
-    # For tests: ~0.3M parameters, head size 32 (vLLM's CPU backend rejects 16); every width a multiple of 32,
-    # which bitsandbytes' CPU 4-bit kernel requires.
+    # For tests: the smallest that runs everywhere: head size 32 (vLLM's CPU backend rejects 16), every width a
+    # multiple of 32 (bitsandbytes' CPU 4-bit kernel requires it).
     "tiny": dict(hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=2,
                  num_key_value_heads=1),
 }

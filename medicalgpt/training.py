@@ -288,7 +288,8 @@ def load_records(data_args, convert, training_args) -> DatasetDict:
     warning) instead of stopping the trainer: the stage configs evaluate every few steps whenever they can."""
     records = load_splits(data_args, convert, training_args.seed)
     if "validation" not in records and getattr(training_args, "eval_strategy", "no") != "no":
-        logger.warning("No validation data: --eval_strategy %s is off", training_args.eval_strategy)
+        logger.warning("No validation data: --eval_strategy %s is off",
+                       IntervalStrategy(training_args.eval_strategy).value)
         training_args.eval_strategy = IntervalStrategy.NO
     return records
 

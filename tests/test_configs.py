@@ -56,12 +56,13 @@ def test_an_unknown_key_names_its_file_and_the_closest_key(tmp_path, capsys, lea
     assert f"{bad}: unknown arguments: learning_rat (did you mean learning_rate?)" in capsys.readouterr().err
 
 
-def test_a_configs_eval_strategy_is_off_without_validation_data(tmp_path):
+def test_a_configs_eval_strategy_is_off_without_validation_data(tmp_path, caplog):
     """The stage configs evaluate every few steps; a run without validation data trains instead of stopping."""
     args = TrainingArguments(output_dir=str(tmp_path), eval_strategy="steps", eval_steps=5, use_cpu=True)
     records = load_records(DataArguments(train_file_dir=str(ROOT / "data/pretrain/validation"),
                                          validation_split_percentage=0), to_text, args)
     assert "validation" not in records and args.eval_strategy == "no"
+    assert "No validation data: --eval_strategy steps is off" in caplog.text
     args = TrainingArguments(output_dir=str(tmp_path), eval_strategy="steps", eval_steps=5, use_cpu=True)
     load_records(DataArguments(train_file_dir=str(ROOT / "data/pretrain/validation")), to_text, args)
     assert args.eval_strategy == "steps"  # the default 1% held out
