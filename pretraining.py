@@ -30,7 +30,8 @@ def main(argv: list[str] | None = None) -> dict:
     check_streaming(data_args, training_args)
     resume = prepare_run(training_args)
 
-    records = load_splits(data_args, to_text, training_args.seed)  # bad data fails before any model loads
+    with training_args.main_process_first(desc="reading the data"):  # bad data fails before any model loads
+        records = load_splits(data_args, to_text, training_args.seed)
     tokenizer = load_tokenizer(model_args)
     with training_args.main_process_first(desc="dataset preparation"):
         splits = build_pretraining_splits(records, tokenizer, data_args.block_size,
