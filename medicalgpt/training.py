@@ -286,7 +286,8 @@ STAGE_DEFAULTS = {
 def load_records(data_args, convert, training_args) -> DatasetDict:
     """The stage's normalised splits. Without a validation split, a configured --eval_strategy is turned off (with a
     warning) instead of stopping the trainer: the stage configs evaluate every few steps whenever they can."""
-    records = load_splits(data_args, convert, training_args.seed)
+    with training_args.main_process_first(desc="reading the data"):  # the others read the cache it writes
+        records = load_splits(data_args, convert, training_args.seed)
     if "validation" not in records and getattr(training_args, "eval_strategy", "no") != "no":
         logger.warning("No validation data: --eval_strategy %s is off",
                        IntervalStrategy(training_args.eval_strategy).value)

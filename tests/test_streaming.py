@@ -1,6 +1,7 @@
 """--streaming for PT and SFT: the same samples as the Arrow path, --max_steps required, and a resumed run that
 continues from its position in the stream."""
 
+import json
 import shutil
 from types import SimpleNamespace
 
@@ -12,6 +13,7 @@ from safetensors.torch import load_file
 import pretraining
 import supervised_finetuning
 from medicalgpt.data import (
+    DataError,
     build_pretraining_splits,
     build_sft_splits,
     load_splits,
@@ -76,3 +78,15 @@ def test_a_resumed_stream_continues_where_it_stopped(stage, data, tiny_model_dir
     run(tmp_path / "from_start", "--resume_from_checkpoint", "auto", "--ignore_data_skip", "True")
     assert not torch.allclose(load_file(tmp_path / "from_start" / "model.safetensors")["model.norm.weight"],
                               straight["model.norm.weight"])
+
+
+def test_records_skipped_from_a_stream_are_reported(tmp_path, caplog):
+    good = {"text": "doc"}
+    (tmp_path / "pt.jsonl").write_text("\n".join([json.dumps(good), "not json", json.dumps(good)]) + "\n")
+    args = data_args(str(tmp_path / "pt.jsonl"), streaming=True)
+    args.skip_bad_records = True
+    assert len(list(load_splits(args, to_text)["train"])) == 2
+    assert "Skipped 1 bad records of" in caplog.text and "pt.jsonl:2: invalid JSON" in caplog.text
+    args.skip_bad_records = False
+    with pytest.raises(DataError, match=r"pt\.jsonl:2: invalid JSON"):
+        list(load_splits(args, to_text)["train"])
