@@ -197,6 +197,20 @@ def test_a_reranker_reorders_the_candidates(docs, tmp_path):
     assert files_of(index.search("hypertension review weeks", k=1)) == ["migraine.md"]
 
 
+def test_an_external_retriever_is_fused_with_bm25(docs, tmp_path):
+    build_index([str(docs)], str(tmp_path / "index"))
+    index = RagIndex(str(tmp_path / "index"))
+    gout = next(n for n, chunk in enumerate(index.chunks) if chunk["file"] == "gout.txt")
+
+    class Store:  # a vector store holding the chunks under their line numbers in chunks.jsonl
+        def search(self, query, k):
+            return [(gout, 0.9)]
+
+    assert "gout.txt" not in files_of(index.search("hypertension review weeks", k=2))
+    index.external.append(Store())
+    assert files_of(index.search("hypertension review weeks", k=2)) == ["hypertension.md", "gout.txt"]
+
+
 def test_grounded_prompt_numbers_the_sources_that_citations_point_to(docs, tmp_path):
     build_index([str(docs)], str(tmp_path / "index"))
     hits = RagIndex(str(tmp_path / "index")).search("痛风患者多少周后复诊？", k=2)

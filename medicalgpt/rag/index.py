@@ -19,7 +19,14 @@ import numpy as np
 from medicalgpt.errors import UsageError
 from medicalgpt.rag.chunking import chunk_passages
 from medicalgpt.rag.loaders import SkippedFile, find_documents, load_document
-from medicalgpt.rag.retrieval import BM25Retriever, DenseRetriever, Embedder, Reranker, reciprocal_rank_fusion
+from medicalgpt.rag.retrieval import (
+    BM25Retriever,
+    DenseRetriever,
+    Embedder,
+    Reranker,
+    Retriever,
+    reciprocal_rank_fusion,
+)
 
 FORMAT = 1  # of the files below; an index of another format is rebuilt, never misread
 MANIFEST, CHUNKS, EMBEDDINGS, BM25_DIR = "manifest.json", "chunks.jsonl", "embeddings.npy", "bm25"
@@ -166,7 +173,8 @@ def stale_documents(manifest: dict) -> list[str]:
 
 
 class RagIndex:
-    """A loaded index: search(query) -> the best chunks as Hits."""
+    """A loaded index: search(query) -> the best chunks as Hits. `external` retrievers (a vector store you run,
+    holding these chunks under their line numbers in chunks.jsonl) are fused with the built-in rankings."""
 
     def __init__(self, index_dir: str, reranker_model: str | None = None):
         directory = Path(index_dir)
@@ -185,6 +193,7 @@ class RagIndex:
         self.vectors = np.load(directory / EMBEDDINGS) if self.manifest["embedding_model"] else None
         self.dense: DenseRetriever | None = None  # the embedding model loads on the first dense search
         self.reranker = Reranker(reranker_model) if reranker_model else None
+        self.external: list[Retriever] = []
 
     def _dense(self) -> DenseRetriever:
         if self.vectors is None:
@@ -199,6 +208,7 @@ class RagIndex:
         depth = max(4 * k, 20) if self.reranker or retrieval == "hybrid" else k  # candidates to fuse or rerank
         rankings = ([self.bm25.search(query, depth)] if retrieval in ("bm25", "hybrid") else []) + \
             ([self._dense().search(query, depth)] if retrieval in ("dense", "hybrid") else [])
+        rankings += [retriever.search(query, depth) for retriever in self.external]
         ranked = rankings[0] if len(rankings) == 1 else reciprocal_rank_fusion(rankings, depth)
         if self.reranker and ranked:
             scores = self.reranker.scores(query, [self.chunks[i]["text"] for i, _ in ranked])
