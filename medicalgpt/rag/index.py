@@ -109,33 +109,29 @@ def build_index(sources: list[str], index_dir: str, chunk_size: int = 200, chunk
         stamp, key = _stamp(path), str(path)
         previous = old["files"].get(key)
         rows = None  # the file's rows in the old index, when it is unchanged
-        if same_chunks and previous and {k: previous[k] for k in stamp} == stamp:
+        if same_chunks and previous and previous["name"] == name and {k: previous[k] for k in stamp} == stamp:
             rows = slice(*previous["chunks"])
             file_chunks = old_chunks[rows]
             reused += 1
         else:
-            reason = None
             try:
-                data = load_document(path, int(max_file_mb * 2**20))
-            except SkippedFile as error:
-                reason = str(error)
-            except OSError as error:
-                reason = f"cannot read it ({error.strerror})"
-            if reason:
+                passages = load_document(path, int(max_file_mb * 2**20))
+            except (SkippedFile, OSError) as error:
+                reason = f"cannot read it ({error.strerror})" if isinstance(error, OSError) else str(error)
                 warn(f"{path}: {reason}; skipped")
                 skipped[key] = {**stamp, "reason": reason}
                 continue
-            file_chunks = [{"file": name, **asdict(c)} for c in chunk_passages(data, chunk_size, chunk_overlap)]
+            file_chunks = [{"file": name, **asdict(c)} for c in chunk_passages(passages, chunk_size, chunk_overlap)]
         if embedding_model:
             vectors.append(old_vectors[rows] if rows is not None and old_vectors is not None else None)
-            if vectors[-1] is None:  # embedded below, in one pass over every new or changed file
+            if vectors[-1] is None:  # embedded below, once the model is loaded
                 new_texts.append((len(vectors) - 1, [c["text"] for c in file_chunks]))
         files[key] = {"name": name, **stamp, "chunks": [len(chunks), len(chunks) + len(file_chunks)]}
         chunks += file_chunks
     if not chunks:
         raise UsageError(f"nothing to index in {', '.join(sources)}: no readable .txt/.md/.pdf/.docx/.jsonl "
                          "documents")
-    if embedding_model:
+    if new_texts:
         embedder = Embedder(embedding_model)
         for position, texts in new_texts:
             vectors[position] = embedder.encode(texts)
@@ -177,9 +173,11 @@ class RagIndex:
     holding these chunks under their line numbers in chunks.jsonl) are fused with the built-in rankings."""
 
     def __init__(self, index_dir: str, reranker_model: str | None = None):
+        update = f"python rag.py index DOCS --index_dir {index_dir or 'DIR'}"
+        if not index_dir:
+            raise UsageError(f"no index given: pass --index_dir (or --rag_index), built with `{update}`")
         directory = Path(index_dir)
         self.manifest = _read_manifest(directory)
-        update = f"python rag.py index DOCS --index_dir {index_dir}"
         if self.manifest is None:
             raise UsageError(f"no index in {index_dir}: build it with `{update}`")
         if stale := stale_documents(self.manifest):

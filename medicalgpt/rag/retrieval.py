@@ -86,6 +86,8 @@ class Embedder:
         from transformers import AutoModel, AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+        if self.tokenizer.pad_token is None:  # decoder-based embedding models (Qwen3-Embedding) may have none
+            self.tokenizer.pad_token = self.tokenizer.eos_token
         self.model = AutoModel.from_pretrained(name_or_path).eval()
         self.batch_size, self.max_length = batch_size, max_length
         self.pooling = "mean"
@@ -98,8 +100,6 @@ class Embedder:
     def encode(self, texts: list[str]) -> np.ndarray:
         import torch
 
-        if self.tokenizer.pad_token is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
         vectors = []
         for start in range(0, len(texts), self.batch_size):
             batch = self.tokenizer(texts[start: start + self.batch_size], padding=True, truncation=True,
