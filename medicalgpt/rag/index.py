@@ -26,10 +26,11 @@ from medicalgpt.rag.retrieval import (
     Reranker,
     Retriever,
     reciprocal_rank_fusion,
+    words,
 )
 
 FORMAT = 1  # of the files below; an index of another format is rebuilt, never misread
-MANIFEST, CHUNKS, EMBEDDINGS, BM25_DIR = "manifest.json", "chunks.jsonl", "embeddings.npy", "bm25"
+MANIFEST, CHUNKS, TERMS, EMBEDDINGS, BM25_DIR = "manifest.json", "chunks.jsonl", "terms.jsonl", "embeddings.npy", "bm25"
 RETRIEVAL_MODES = ["auto", "bm25", "dense", "hybrid"]
 
 
@@ -101,17 +102,18 @@ def build_index(sources: list[str], index_dir: str, chunk_size: int = 200, chunk
     settings = {"chunk_size": chunk_size, "chunk_overlap": chunk_overlap, "embedding_model": embedding_model}
     same_chunks = all(old.get(k) == settings[k] for k in ("chunk_size", "chunk_overlap"))
     same_vectors = same_chunks and old.get("embedding_model") == embedding_model
-    old_chunks = _read_chunks(index_dir) if same_chunks else []
+    old_chunks = _read_jsonl(index_dir / CHUNKS) if same_chunks else []
+    old_terms = _read_jsonl(index_dir / TERMS) if same_chunks else []
     old_vectors = np.load(index_dir / EMBEDDINGS) if same_vectors and embedding_model else None
 
-    files, chunks, vectors, reused, skipped, new_texts = {}, [], [], 0, {}, []
+    files, chunks, terms, vectors, reused, skipped, new_texts = {}, [], [], [], 0, {}, []
     for path, name in _display_names(roots).items():
         stamp, key = _stamp(path), str(path)
         previous = old["files"].get(key)
         rows = None  # the file's rows in the old index, when it is unchanged
         if same_chunks and previous and previous["name"] == name and {k: previous[k] for k in stamp} == stamp:
             rows = slice(*previous["chunks"])
-            file_chunks = old_chunks[rows]
+            file_chunks, file_terms = old_chunks[rows], old_terms[rows]
             reused += 1
         else:
             try:
@@ -122,12 +124,14 @@ def build_index(sources: list[str], index_dir: str, chunk_size: int = 200, chunk
                 skipped[key] = {**stamp, "reason": reason}
                 continue
             file_chunks = [{"file": name, **asdict(c)} for c in chunk_passages(passages, chunk_size, chunk_overlap)]
+            file_terms = [words(c["text"]) for c in file_chunks]  # the slow part of indexing (jieba)
         if embedding_model:
             vectors.append(old_vectors[rows] if rows is not None and old_vectors is not None else None)
             if vectors[-1] is None:  # embedded below, once the model is loaded
                 new_texts.append((len(vectors) - 1, [c["text"] for c in file_chunks]))
         files[key] = {"name": name, **stamp, "chunks": [len(chunks), len(chunks) + len(file_chunks)]}
         chunks += file_chunks
+        terms += file_terms
     if not chunks:
         raise UsageError(f"nothing to index in {', '.join(sources)}: no readable .txt/.md/.pdf/.docx/.jsonl "
                          "documents")
@@ -138,8 +142,9 @@ def build_index(sources: list[str], index_dir: str, chunk_size: int = 200, chunk
 
     index_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=index_dir.parent, prefix=f".{index_dir.name}-"))
-    (staging / CHUNKS).write_text("".join(json.dumps(c, ensure_ascii=False) + "\n" for c in chunks), "utf-8")
-    BM25Retriever.build([c["text"] for c in chunks]).save(staging / BM25_DIR)
+    for filename, records in ((CHUNKS, chunks), (TERMS, terms)):
+        (staging / filename).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), "utf-8")
+    BM25Retriever.build(terms).save(staging / BM25_DIR)
     if embedding_model:
         np.save(staging / EMBEDDINGS, np.concatenate(vectors).astype(np.float32))
     manifest = {"format": FORMAT, **settings, "sources": [str(r.resolve()) for r in roots], "files": files,
@@ -154,8 +159,7 @@ def build_index(sources: list[str], index_dir: str, chunk_size: int = 200, chunk
             "seconds": round(time.perf_counter() - start, 2)}
 
 
-def _read_chunks(index_dir: Path) -> list[dict]:
-    path = index_dir / CHUNKS
+def _read_jsonl(path: Path) -> list:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()] if path.is_file() else []
 
 
@@ -186,7 +190,7 @@ class RagIndex:
             raise UsageError(f"the index in {index_dir} is stale: {len(stale)} document(s) changed since it was "
                              f"built ({shown}); update it with `python rag.py index {sources} --index_dir "
                              f"{index_dir}`")
-        self.chunks = _read_chunks(directory)
+        self.chunks = _read_jsonl(directory / CHUNKS)
         self.bm25 = BM25Retriever.load(directory / BM25_DIR)
         self.vectors = np.load(directory / EMBEDDINGS) if self.manifest["embedding_model"] else None
         self.dense: DenseRetriever | None = None  # the embedding model loads on the first dense search

@@ -53,11 +53,12 @@ class BM25Retriever:
         self.model = model
 
     @classmethod
-    def build(cls, texts: list[str]) -> "BM25Retriever":
+    def build(cls, terms: list[list[str]]) -> "BM25Retriever":
+        """From each chunk's words(): kept with the index, so that an update segments only new text."""
         import bm25s
 
         model = bm25s.BM25()
-        model.index([words(text) for text in texts], show_progress=False)
+        model.index(terms, show_progress=False)
         return cls(model)
 
     @classmethod
