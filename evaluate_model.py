@@ -55,7 +55,7 @@ from medicalgpt.modeling import (
     set_stop_tokens,
     with_adapter_base,
 )
-from medicalgpt.rag.grounding import grounded_messages
+from medicalgpt.rag.grounding import grounded_messages, uncited
 from medicalgpt.rag.index import RagArguments, RagIndex
 from medicalgpt.report import markdown
 from medicalgpt.rewards import choice_accuracy, load_reward_functions, reward_funcs_field
@@ -139,12 +139,14 @@ def mcq_generate_accuracy(model, tokenizer, template, records: list[dict], args:
 
 def answer_accuracy(model, tokenizer, template, args: EvalArguments, prompts: list[list[dict]] | None = None,
                     references: list[str] | None = None) -> float:
-    """Mean reward of generated answers to questions with verifiable answers (--answer_file's, or those given)."""
+    """Mean reward of generated answers to questions with verifiable answers (--answer_file's, or those given; their
+    citations of sources, [1], are not part of the answer)."""
     if prompts is None:
         questions = _records(args.answer_file, to_grpo)
         prompts, references = questions["prompt"], questions["answer"]
     answers = generate(model, tokenizer, [template.encode_prompt(tokenizer, p) for p in prompts],
                        max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+    answers = [uncited(answer) for answer in answers]
     completions = [[{"role": "assistant", "content": a}] for a in answers]
     totals = [0.0] * len(answers)
     for fn in load_reward_functions(args.reward_funcs.split(",")):

@@ -12,9 +12,12 @@ from them and cites them as [1], [2]; the numbered sources follow the answer.
 """
 
 import difflib
+import sys
 from dataclasses import asdict, dataclass, field
 
 import medicalgpt.quiet  # noqa: F401  (before the libraries: it filters what they print on import)
+
+from transformers import HfArgumentParser
 
 from medicalgpt.answering import GenerationArguments, check_generation_args
 from medicalgpt.args import parse_args
@@ -23,8 +26,6 @@ from medicalgpt.generation import generate
 from medicalgpt.rag.grounding import format_sources, grounded_messages
 from medicalgpt.rag.index import RagArguments, RagIndex, build_index
 from medicalgpt.serving import AdapterArguments, BaseModelArguments, load_chat_model
-
-COMMANDS = ("index", "query", "ask")
 
 
 @dataclass
@@ -45,8 +46,12 @@ class QueryArguments(RagArguments):
     rag_index: str = field(default=None, metadata={"aliases": ["--index_dir"], "help": "The index to search."})
 
 
+GROUPS = {"index": (IndexArguments,), "query": (QueryArguments,),
+          "ask": (BaseModelArguments, AdapterArguments, GenerationArguments, QueryArguments)}
+
+
 def index(argv: list[str]) -> None:
-    args, documents = parse_args((IndexArguments,), argv, positional="documents")
+    args, documents = parse_args(GROUPS["index"], argv, positional="documents")
     summary = build_index(documents, args.index_dir, args.chunk_size, args.chunk_overlap, args.embedding_model,
                           args.max_file_mb)
     print(f"Indexed {summary['files']} documents into {args.index_dir}: {summary['chunks']} chunks; "
@@ -55,7 +60,7 @@ def index(argv: list[str]) -> None:
 
 
 def query(argv: list[str]) -> None:
-    args, words = parse_args((QueryArguments,), argv, positional="question")
+    args, words = parse_args(GROUPS["query"], argv, positional="question")
     hits = RagIndex(args.rag_index, args.reranker_model).search(" ".join(words), args.rag_top_k, args.retrieval)
     if not hits:
         print("No passage matches the question.")
@@ -64,8 +69,7 @@ def query(argv: list[str]) -> None:
 
 
 def ask(argv: list[str]) -> None:
-    model_args, adapter_args, gen_args, args, words = parse_args(
-        (BaseModelArguments, AdapterArguments, GenerationArguments, QueryArguments), argv, positional="question")
+    model_args, adapter_args, gen_args, args, words = parse_args(GROUPS["ask"], argv, positional="question")
     check_generation_args(gen_args)
     question = " ".join(words)
     hits = RagIndex(args.rag_index, args.reranker_model).search(question, args.rag_top_k, args.retrieval)
@@ -76,16 +80,21 @@ def ask(argv: list[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    import sys
-
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] not in COMMANDS:
+    if argv[:1] in (["-h"], ["--help"]):  # every command's flags
+        print(__doc__)
+        for command, groups in GROUPS.items():
+            parser = HfArgumentParser(groups, prog=f"python rag.py {command}", conflict_handler="resolve")
+            print(parser.format_help())
+        raise SystemExit(0)
+    commands = {"index": index, "query": query, "ask": ask}
+    if not argv or argv[0] not in commands:
         given = argv[0] if argv else ""
-        hint = difflib.get_close_matches(given, COMMANDS, n=1)
-        raise UsageError(f"expected a command, one of {', '.join(COMMANDS)}"
+        hint = difflib.get_close_matches(given, commands, n=1)
+        raise UsageError(f"expected a command, one of {', '.join(commands)}"
                          + (f"; got {given!r}" if given else "") + (f" (did you mean {hint[0]}?)" if hint else "")
                          + "; `python rag.py COMMAND --help` lists its flags")
-    {"index": index, "query": query, "ask": ask}[argv[0]](argv[1:])
+    commands[argv[0]](argv[1:])
 
 
 if __name__ == "__main__":

@@ -101,6 +101,10 @@ python grpo_training.py --model_name_or_path "$OUT/sft-merged" --output_dir "$OU
 evaluate --name grpo --model_name_or_path "$OUT/sft-merged" --lora_model "$OUT/grpo" \
     --answer_file data/grpo/validation
 
+stage "RAG: index data/rag/docs; the SFT model answers questions only they answer, without and with retrieval"
+python rag.py index data/rag/docs --index_dir "$OUT/rag-index"
+evaluate --name rag --model_name_or_path "$OUT/sft-merged" --rag_index "$OUT/rag-index"
+
 stage "Merge DPO and answer held-out questions with inference.py"
 python merge_peft_adapter.py --base_model "$OUT/sft-merged" --lora_model "$OUT/dpo" --output_dir "$OUT/dpo-merged"
 python inference.py --base_model "$OUT/dpo-merged" --data_file data/sft/validation/sharegpt_medical.jsonl \

@@ -112,15 +112,20 @@ def test_index_finds_the_right_document_with_its_page_or_line(docs, tmp_path):
     assert index.search("zzzz qqqq", k=3) == []  # no term in common: nothing, rather than noise
 
 
-def test_reindex_reads_only_changed_files_and_a_stale_index_is_refused(docs, tmp_path):
+def test_reindex_reads_only_changed_files_and_a_stale_index_is_refused(docs, tmp_path, monkeypatch):
+    from medicalgpt.rag import index as rag_index
+
     index_dir = str(tmp_path / "index")
     build_index([str(docs)], index_dir)
     changed = docs / "asthma.md"
     changed.write_text(changed.read_text().replace("after 12 weeks", "after 3 weeks"))
     with pytest.raises(UsageError, match=r"stale: 1 document\(s\) changed .*asthma\.md.*python rag\.py index"):
         RagIndex(index_dir)
+    segmented = []  # jieba, the slow part, sees only the changed file's text
+    monkeypatch.setattr(rag_index, "words", lambda text, words=rag_index.words: segmented.append(text) or words(text))
     summary = build_index([str(docs)], index_dir)
     assert (summary["updated"], summary["reused"], summary["removed"]) == (1, 7, 0)
+    assert len(segmented) == 1 and "after 3 weeks" in segmented[0]
     assert "after 3 weeks" in RagIndex(index_dir).search("asthma review weeks", k=1)[0].text
     (docs / "gout.txt").unlink()
     (docs / "new.md").write_text("Colchicine is stored in cabinet 7.\n")
@@ -195,6 +200,20 @@ def test_a_reranker_reorders_the_candidates(docs, tmp_path):
     assert files_of(index.search("hypertension review weeks", k=1)) == ["hypertension.md"]
     index.reranker = PrefersMigraine()
     assert files_of(index.search("hypertension review weeks", k=1)) == ["migraine.md"]
+
+
+def test_an_external_retriever_is_fused_with_bm25(docs, tmp_path):
+    build_index([str(docs)], str(tmp_path / "index"))
+    index = RagIndex(str(tmp_path / "index"))
+    gout = next(n for n, chunk in enumerate(index.chunks) if chunk["file"] == "gout.txt")
+
+    class Store:  # a vector store holding the chunks under their line numbers in chunks.jsonl
+        def search(self, query, k):
+            return [(gout, 0.9)]
+
+    assert "gout.txt" not in files_of(index.search("hypertension review weeks", k=2))
+    index.external.append(Store())
+    assert files_of(index.search("hypertension review weeks", k=2)) == ["hypertension.md", "gout.txt"]
 
 
 def test_grounded_prompt_numbers_the_sources_that_citations_point_to(docs, tmp_path):

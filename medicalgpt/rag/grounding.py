@@ -40,6 +40,11 @@ def cited(answer: str, count: int) -> list[int]:
     return [n for n in numbers if 1 <= n <= count]
 
 
+def uncited(answer: str) -> str:
+    """The answer without its citation marks."""
+    return CITATION.sub("", answer).strip()
+
+
 def format_sources(hits: list[Hit]) -> str:
     """The source list printed under an answer: one `[n] file, page/line` per chunk."""
     return "\n".join(f"[{n}] {hit.location}" for n, hit in enumerate(hits, start=1))

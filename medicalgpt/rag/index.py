@@ -19,10 +19,18 @@ import numpy as np
 from medicalgpt.errors import UsageError
 from medicalgpt.rag.chunking import chunk_passages
 from medicalgpt.rag.loaders import SkippedFile, find_documents, load_document
-from medicalgpt.rag.retrieval import BM25Retriever, DenseRetriever, Embedder, Reranker, reciprocal_rank_fusion
+from medicalgpt.rag.retrieval import (
+    BM25Retriever,
+    DenseRetriever,
+    Embedder,
+    Reranker,
+    Retriever,
+    reciprocal_rank_fusion,
+    words,
+)
 
 FORMAT = 1  # of the files below; an index of another format is rebuilt, never misread
-MANIFEST, CHUNKS, EMBEDDINGS, BM25_DIR = "manifest.json", "chunks.jsonl", "embeddings.npy", "bm25"
+MANIFEST, CHUNKS, TERMS, EMBEDDINGS, BM25_DIR = "manifest.json", "chunks.jsonl", "terms.jsonl", "embeddings.npy", "bm25"
 RETRIEVAL_MODES = ["auto", "bm25", "dense", "hybrid"]
 
 
@@ -94,49 +102,49 @@ def build_index(sources: list[str], index_dir: str, chunk_size: int = 200, chunk
     settings = {"chunk_size": chunk_size, "chunk_overlap": chunk_overlap, "embedding_model": embedding_model}
     same_chunks = all(old.get(k) == settings[k] for k in ("chunk_size", "chunk_overlap"))
     same_vectors = same_chunks and old.get("embedding_model") == embedding_model
-    old_chunks = _read_chunks(index_dir) if same_chunks else []
+    old_chunks = _read_jsonl(index_dir / CHUNKS) if same_chunks else []
+    old_terms = _read_jsonl(index_dir / TERMS) if same_chunks else []
     old_vectors = np.load(index_dir / EMBEDDINGS) if same_vectors and embedding_model else None
 
-    files, chunks, vectors, reused, skipped, new_texts = {}, [], [], 0, {}, []
+    files, chunks, terms, vectors, reused, skipped, new_texts = {}, [], [], [], 0, {}, []
     for path, name in _display_names(roots).items():
         stamp, key = _stamp(path), str(path)
         previous = old["files"].get(key)
         rows = None  # the file's rows in the old index, when it is unchanged
-        if same_chunks and previous and {k: previous[k] for k in stamp} == stamp:
+        if same_chunks and previous and previous["name"] == name and {k: previous[k] for k in stamp} == stamp:
             rows = slice(*previous["chunks"])
-            file_chunks = old_chunks[rows]
+            file_chunks, file_terms = old_chunks[rows], old_terms[rows]
             reused += 1
         else:
-            reason = None
             try:
-                data = load_document(path, int(max_file_mb * 2**20))
-            except SkippedFile as error:
-                reason = str(error)
-            except OSError as error:
-                reason = f"cannot read it ({error.strerror})"
-            if reason:
+                passages = load_document(path, int(max_file_mb * 2**20))
+            except (SkippedFile, OSError) as error:
+                reason = f"cannot read it ({error.strerror})" if isinstance(error, OSError) else str(error)
                 warn(f"{path}: {reason}; skipped")
                 skipped[key] = {**stamp, "reason": reason}
                 continue
-            file_chunks = [{"file": name, **asdict(c)} for c in chunk_passages(data, chunk_size, chunk_overlap)]
+            file_chunks = [{"file": name, **asdict(c)} for c in chunk_passages(passages, chunk_size, chunk_overlap)]
+            file_terms = [words(c["text"]) for c in file_chunks]  # the slow part of indexing (jieba)
         if embedding_model:
             vectors.append(old_vectors[rows] if rows is not None and old_vectors is not None else None)
-            if vectors[-1] is None:  # embedded below, in one pass over every new or changed file
+            if vectors[-1] is None:  # embedded below, once the model is loaded
                 new_texts.append((len(vectors) - 1, [c["text"] for c in file_chunks]))
         files[key] = {"name": name, **stamp, "chunks": [len(chunks), len(chunks) + len(file_chunks)]}
         chunks += file_chunks
+        terms += file_terms
     if not chunks:
         raise UsageError(f"nothing to index in {', '.join(sources)}: no readable .txt/.md/.pdf/.docx/.jsonl "
                          "documents")
-    if embedding_model:
+    if new_texts:
         embedder = Embedder(embedding_model)
         for position, texts in new_texts:
             vectors[position] = embedder.encode(texts)
 
     index_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=index_dir.parent, prefix=f".{index_dir.name}-"))
-    (staging / CHUNKS).write_text("".join(json.dumps(c, ensure_ascii=False) + "\n" for c in chunks), "utf-8")
-    BM25Retriever.build([c["text"] for c in chunks]).save(staging / BM25_DIR)
+    for filename, records in ((CHUNKS, chunks), (TERMS, terms)):
+        (staging / filename).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), "utf-8")
+    BM25Retriever.build(terms).save(staging / BM25_DIR)
     if embedding_model:
         np.save(staging / EMBEDDINGS, np.concatenate(vectors).astype(np.float32))
     manifest = {"format": FORMAT, **settings, "sources": [str(r.resolve()) for r in roots], "files": files,
@@ -151,8 +159,7 @@ def build_index(sources: list[str], index_dir: str, chunk_size: int = 200, chunk
             "seconds": round(time.perf_counter() - start, 2)}
 
 
-def _read_chunks(index_dir: Path) -> list[dict]:
-    path = index_dir / CHUNKS
+def _read_jsonl(path: Path) -> list:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()] if path.is_file() else []
 
 
@@ -166,12 +173,15 @@ def stale_documents(manifest: dict) -> list[str]:
 
 
 class RagIndex:
-    """A loaded index: search(query) -> the best chunks as Hits."""
+    """A loaded index: search(query) -> the best chunks as Hits. `external` retrievers (a vector store you run,
+    holding these chunks under their line numbers in chunks.jsonl) are fused with the built-in rankings."""
 
     def __init__(self, index_dir: str, reranker_model: str | None = None):
+        update = f"python rag.py index DOCS --index_dir {index_dir or 'DIR'}"
+        if not index_dir:
+            raise UsageError(f"no index given: pass --index_dir (or --rag_index), built with `{update}`")
         directory = Path(index_dir)
         self.manifest = _read_manifest(directory)
-        update = f"python rag.py index DOCS --index_dir {index_dir}"
         if self.manifest is None:
             raise UsageError(f"no index in {index_dir}: build it with `{update}`")
         if stale := stale_documents(self.manifest):
@@ -180,11 +190,12 @@ class RagIndex:
             raise UsageError(f"the index in {index_dir} is stale: {len(stale)} document(s) changed since it was "
                              f"built ({shown}); update it with `python rag.py index {sources} --index_dir "
                              f"{index_dir}`")
-        self.chunks = _read_chunks(directory)
+        self.chunks = _read_jsonl(directory / CHUNKS)
         self.bm25 = BM25Retriever.load(directory / BM25_DIR)
         self.vectors = np.load(directory / EMBEDDINGS) if self.manifest["embedding_model"] else None
         self.dense: DenseRetriever | None = None  # the embedding model loads on the first dense search
         self.reranker = Reranker(reranker_model) if reranker_model else None
+        self.external: list[Retriever] = []
 
     def _dense(self) -> DenseRetriever:
         if self.vectors is None:
@@ -199,6 +210,7 @@ class RagIndex:
         depth = max(4 * k, 20) if self.reranker or retrieval == "hybrid" else k  # candidates to fuse or rerank
         rankings = ([self.bm25.search(query, depth)] if retrieval in ("bm25", "hybrid") else []) + \
             ([self._dense().search(query, depth)] if retrieval in ("dense", "hybrid") else [])
+        rankings += [retriever.search(query, depth) for retriever in self.external]
         ranked = rankings[0] if len(rankings) == 1 else reciprocal_rank_fusion(rankings, depth)
         if self.reranker and ranked:
             scores = self.reranker.scores(query, [self.chunks[i]["text"] for i, _ in ranked])

@@ -66,7 +66,6 @@ def _jsonl_passages(data: bytes) -> Iterator[Passage]:
 
 def _pdf_passages(path: Path) -> Iterator[Passage]:
     from pypdf import PdfReader
-    from pypdf.errors import PdfReadError
 
     try:
         reader = PdfReader(path)
@@ -74,7 +73,9 @@ def _pdf_passages(path: Path) -> Iterator[Passage]:
         if reader.is_encrypted and not reader.decrypt(""):
             raise SkippedFile("encrypted PDF (needs a password): save a decrypted copy")
         pages = [page.extract_text() or "" for page in reader.pages]
-    except (PdfReadError, ValueError, KeyError, TypeError) as error:
+    except SkippedFile:
+        raise
+    except Exception as error:  # a malformed file can fail anywhere in the parser; it must not stop the index
         raise SkippedFile(f"unreadable PDF ({type(error).__name__}: {error})") from None
     if not any(text.strip() for text in pages):
         raise SkippedFile("no text layer in this PDF (a scan?): OCR it first")
@@ -84,12 +85,11 @@ def _pdf_passages(path: Path) -> Iterator[Passage]:
 
 def _docx_passages(path: Path) -> Iterator[Passage]:
     import docx
-    from docx.opc.exceptions import PackageNotFoundError
 
     try:
         document = docx.Document(str(path))
-    except (PackageNotFoundError, KeyError, ValueError, OSError) as error:
-        raise SkippedFile(f"unreadable .docx ({type(error).__name__})") from None
+    except Exception as error:  # as for PDFs: whatever the parser raises, this file is skipped, not the index
+        raise SkippedFile(f"unreadable .docx ({type(error).__name__}: {error})") from None
     paragraphs = [p.text for p in document.paragraphs]
     paragraphs += [cell.text for table in document.tables for row in table.rows for cell in row.cells]
     for number, text in enumerate(paragraphs, start=1):

@@ -53,11 +53,12 @@ class BM25Retriever:
         self.model = model
 
     @classmethod
-    def build(cls, texts: list[str]) -> "BM25Retriever":
+    def build(cls, terms: list[list[str]]) -> "BM25Retriever":
+        """From each chunk's words(): kept with the index, so that an update segments only new text."""
         import bm25s
 
         model = bm25s.BM25()
-        model.index([words(text) for text in texts], show_progress=False)
+        model.index(terms, show_progress=False)
         return cls(model)
 
     @classmethod
@@ -86,6 +87,8 @@ class Embedder:
         from transformers import AutoModel, AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+        if self.tokenizer.pad_token is None:  # decoder-based embedding models (Qwen3-Embedding) may have none
+            self.tokenizer.pad_token = self.tokenizer.eos_token
         self.model = AutoModel.from_pretrained(name_or_path).eval()
         self.batch_size, self.max_length = batch_size, max_length
         self.pooling = "mean"
@@ -98,8 +101,6 @@ class Embedder:
     def encode(self, texts: list[str]) -> np.ndarray:
         import torch
 
-        if self.tokenizer.pad_token is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
         vectors = []
         for start in range(0, len(texts), self.batch_size):
             batch = self.tokenizer(texts[start: start + self.batch_size], padding=True, truncation=True,
