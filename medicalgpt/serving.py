@@ -34,6 +34,9 @@ class AdapterArguments:
     lora_model: str | None = field(default=None, metadata={"help": "A LoRA adapter to apply to the base model."})
     template_name: str | None = field(default=None, metadata={
         "help": "Built-in chat template (chatml, qwen, llama3, ...). Default: the tokenizer's own template."})
+    tool_format: str | None = field(default=None, metadata={
+        "help": "How tool calls are written and parsed: qwen, llama3 or json. Default: the chat template's own.",
+        "choices": ["qwen", "llama3", "json"]})
     enable_thinking: bool = field(default=True, metadata={"help": (
         "Reasoning models (qwen3 templates, tokenizers with a <think> token): False prompts with thinking off. "
         "Reasoning comes back apart from the answer (reasoning_content in the API and in inference rows).")})
@@ -75,7 +78,8 @@ def load_chat_model(model_args: ModelArguments, serve_args: AdapterArguments) ->
     adapter and no base model, the base is the one the adapter records."""
     model_args = with_adapter_base(model_args, serve_args.lora_model)
     tokenizer = load_tokenizer(model_args, serve_args.lora_model)
-    template = with_thinking(resolve_template(tokenizer, serve_args.template_name), serve_args.enable_thinking)
+    template = with_thinking(resolve_template(tokenizer, serve_args.template_name, tool_format=serve_args.tool_format),
+                             serve_args.enable_thinking)
     model = load_for_inference(model_args, serve_args.lora_model)
     set_stop_tokens(model, tokenizer, template.stop_words)
     return ChatModel(model, tokenizer, template, reasoning=is_reasoning_model(template, tokenizer))

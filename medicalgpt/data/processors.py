@@ -11,6 +11,7 @@ from datasets import DatasetDict
 
 from medicalgpt.errors import DataError, UsageError
 from medicalgpt.templates import IGNORE_INDEX
+from medicalgpt.tool_calls import is_call
 
 logger = logging.getLogger(__name__)
 
@@ -88,8 +89,10 @@ def pack_sft_splits(splits: DatasetDict, max_length: int) -> DatasetDict:
 
 def prompt_and_response(tokenizer, template, messages: list[dict], tools: list | None,
                          response: str) -> tuple[list[int], list[int]]:
-    """Prompt ids and the answer's trained ids (content + end-of-turn token), from the template's own labels."""
-    ids, labels = template.encode(tokenizer, messages + [{"role": "assistant", "content": response}], tools)
+    """Prompt ids and the answer's trained ids (content + end-of-turn token), from the template's own labels; an
+    answer that is a tool call is rendered as one."""
+    role = "function_call" if is_call(response) else "assistant"
+    ids, labels = template.encode(tokenizer, messages + [{"role": role, "content": response}], tools)
     end = max(i for i, label in enumerate(labels) if label != IGNORE_INDEX) + 1
     start = end
     while start > 0 and labels[start - 1] != IGNORE_INDEX:

@@ -1,0 +1,173 @@
+"""Tool calling end to end: tool data read in every shape and normalised, rendered in each family's format with loss
+on the calls and the answer only, converted without loss, validated by file:line, served through the OpenAI API
+(an agent loop with the official client), and evaluated."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+import convert_dataset
+import validate_data
+from medicalgpt.data import iter_records, to_conversation, to_preference
+from medicalgpt.data.processors import prompt_and_response
+from medicalgpt.errors import DataError
+from medicalgpt.templates import IGNORE_INDEX, get_template, resolve_template
+from medicalgpt.tool_calls import CallTurn, get_tool_format, read_call_turn
+from tests.test_templates import template_tokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+DOSE_TOOL = {"name": "lookup_drug_dose", "description": "成人/儿童常用剂量", "parameters": {
+    "type": "object", "properties": {"drug": {"type": "string"}, "population": {"type": "string"}},
+    "required": ["drug", "population"]}}
+DEPT_TOOL = {"name": "find_department", "description": "症状对应的科室", "parameters": {
+    "type": "object", "properties": {"symptom": {"type": "string"}}, "required": ["symptom"]}}
+CALL = {"name": "lookup_drug_dose", "arguments": {"drug": "二甲双胍", "population": "成人"}}
+RESULT = '{"dose": "500 mg 每日两次"}'
+# MedicalGPT's tool-call SFT shape: tools as a JSON string, the call as a JSON string in a function_call turn.
+SHAREGPT = {"conversations": [
+    {"from": "human", "value": "二甲双胍成人怎么吃？"},
+    {"from": "function_call", "value": json.dumps(CALL, ensure_ascii=False)},
+    {"from": "observation", "value": RESULT},
+    {"from": "gpt", "value": "成人起始 500 mg，每日两次。"}], "tools": json.dumps([DOSE_TOOL], ensure_ascii=False)}
+# MedicalGPT's tool-call preference shape: a ReAct call as the chosen answer.
+REACT_PAIR = {"conversations": [{"from": "human", "value": "二甲双胍成人怎么吃？"}], "tools": [DOSE_TOOL],
+              "chosen": "Action: lookup_drug_dose\nAction Input: {\"drug\": \"二甲双胍\", \"population\": \"成人\"}\n",
+              "rejected": "一天吃很多次。"}
+
+
+def openai_call(name: str, arguments: dict, text_arguments: bool = True) -> dict:
+    return {"id": f"call_{name}", "type": "function", "function": {
+        "name": name, "arguments": json.dumps(arguments, ensure_ascii=False) if text_arguments else arguments}}
+
+
+def test_sharegpt_tools_as_string_or_list_and_call_turns():
+    as_string = to_conversation(SHAREGPT)
+    as_list = to_conversation({**SHAREGPT, "tools": [DOSE_TOOL]})
+    assert as_string == as_list
+    assert [m["role"] for m in as_string["messages"]] == ["user", "function_call", "observation", "assistant"]
+    assert json.loads(as_string["messages"][1]["content"]) == CALL
+    assert json.loads(as_string["tools"]) == [DOSE_TOOL]
+
+
+def test_openai_calls_with_text_and_several_calls_in_one_turn():
+    record = {"messages": [
+        {"role": "user", "content": "二甲双胍的剂量，还有头痛看哪个科？"},
+        {"role": "assistant", "content": "我查一下。", "tool_calls": [
+            openai_call("lookup_drug_dose", CALL["arguments"]),
+            openai_call("find_department", {"symptom": "头痛"}, text_arguments=False)]},
+        {"role": "tool", "tool_call_id": "call_lookup_drug_dose", "content": RESULT},
+        {"role": "tool", "tool_call_id": "call_find_department", "content": '{"department": "神经内科"}'},
+        {"role": "assistant", "content": "500 mg 每日两次；头痛看神经内科。"}], "tools": [DOSE_TOOL, DEPT_TOOL]}
+    messages = to_conversation(record)["messages"]
+    assert [m["role"] for m in messages] == ["user", "function_call", "observation", "assistant"]
+    turn = read_call_turn(messages[1]["content"])
+    assert turn == CallTurn([CALL, {"name": "find_department", "arguments": {"symptom": "头痛"}}], "我查一下。")
+    # Rendered as Qwen2.5 does: the text, then each call in its tags; both results in one user turn.
+    text = "".join(t for t, _ in get_template("qwen")._segments(_NoSpecials(), messages, [DOSE_TOOL, DEPT_TOOL]))
+    assert ("<|im_start|>assistant\n我查一下。\n<tool_call>\n" + json.dumps(CALL, ensure_ascii=False)
+            + "\n</tool_call>\n<tool_call>\n{\"name\": \"find_department\", \"arguments\": {\"symptom\": \"头痛\"}}"
+            "\n</tool_call><|im_end|>\n") in text
+    assert ("<|im_start|>user\n<tool_response>\n" + RESULT + "\n</tool_response>\n<tool_response>\n"
+            "{\"department\": \"神经内科\"}\n</tool_response><|im_end|>\n") in text
+
+
+class _NoSpecials:
+    """A stand-in tokenizer for rendering text only (no special tokens to escape)."""
+
+    added_tokens_decoder: dict = {}
+
+
+@pytest.mark.parametrize("name", ["qwen", "llama3", "chatml"])
+def test_loss_on_calls_and_answer_never_on_tool_results(tokenizer, name):
+    tok = template_tokenizer(tokenizer, name)
+    record = to_conversation(SHAREGPT)
+    template = get_template(name)
+    ids, labels = template.encode(tok, record["messages"], json.loads(record["tools"]))
+    trained = tok.decode([i for i, label in zip(ids, labels) if label != IGNORE_INDEX])
+    untrained = tok.decode([i for i, label in zip(ids, labels) if label == IGNORE_INDEX])
+    call = template.tools_format.render_calls(record["messages"][1]["content"])
+    assert call in trained and "成人起始 500 mg，每日两次。" in trained
+    assert RESULT not in trained and RESULT in untrained and "lookup_drug_dose" in untrained  # the tools section
+    expected_call = {"qwen": "<tool_call>\n" + json.dumps(CALL, ensure_ascii=False) + "\n</tool_call>",
+                     "chatml": "<tool_call>\n" + json.dumps(CALL, ensure_ascii=False) + "\n</tool_call>",
+                     "llama3": json.dumps({"name": CALL["name"], "parameters": CALL["arguments"]}, ensure_ascii=False)}
+    assert call == expected_call[name]
+
+
+def test_react_preference_answer_becomes_a_call_in_the_template_format(tokenizer):
+    pair = to_preference(REACT_PAIR)
+    assert json.loads(pair["chosen"]) == CALL and pair["rejected"] == "一天吃很多次。"
+    tok = template_tokenizer(tokenizer, "qwen")
+    prompt, chosen = prompt_and_response(tok, get_template("qwen"), pair["messages"], [DOSE_TOOL], pair["chosen"])
+    assert tok.decode(chosen) == "<tool_call>\n" + json.dumps(CALL, ensure_ascii=False) + "\n</tool_call><|im_end|>"
+    # the OpenAI shape of a pair whose chosen answer is a call reads back to the same pair
+    openai_pair = {"prompt": [{"role": "user", "content": "二甲双胍成人怎么吃？"}], "tools": [DOSE_TOOL],
+                   "chosen": [{"role": "assistant", "content": None, "tool_calls": [openai_call(**CALL)]}],
+                   "rejected": [{"role": "assistant", "content": "一天吃很多次。"}]}
+    assert to_preference(openai_pair) == pair
+
+
+def test_sharegpt_openai_sharegpt_round_trip_is_lossless(tmp_path):
+    parallel = {"conversations": [
+        {"from": "human", "value": "查剂量和科室"},
+        {"from": "function_call", "value": json.dumps({"content": "好的。", "tool_calls": [
+            CALL, {"name": "find_department", "arguments": {"symptom": "头痛"}}]}, ensure_ascii=False)},
+        {"from": "observation", "value": json.dumps({"tool_results": [RESULT, "{}"]}, ensure_ascii=False)},
+        {"from": "gpt", "value": "好。"}], "tools": [DOSE_TOOL, DEPT_TOOL], "system_prompt": "你是医生。"}
+    source = tmp_path / "tools.jsonl"
+    source.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in [SHAREGPT, parallel]) + "\n",
+                      encoding="utf-8")
+    convert_dataset.main([str(source), str(tmp_path / "openai.jsonl"), "--to", "openai"])
+    convert_dataset.main([str(tmp_path / "openai.jsonl"), str(tmp_path / "back.jsonl"), "--to", "sharegpt"])
+    openai_records = [r for _, r in iter_records(tmp_path / "openai.jsonl")]
+    assert openai_records[0]["messages"][1]["tool_calls"] == [{"type": "function", "function": CALL}]
+    assert "\\u" not in (tmp_path / "openai.jsonl").read_text(encoding="utf-8")  # arguments are objects
+    assert [m["role"] for m in openai_records[1]["messages"]] == ["system", "user", "assistant", "tool", "tool",
+                                                                  "assistant"]
+    back = [r for _, r in iter_records(tmp_path / "back.jsonl")]
+    assert [to_conversation(r) for r in back] == [to_conversation(r) for r in (SHAREGPT, parallel)]
+    assert json.loads(back[0]["conversations"][1]["value"]) == CALL
+
+
+def test_validate_data_reports_tool_schema_errors_by_file_and_line(tmp_path, capsys, tiny_model_dir):
+    def with_call(value: str) -> dict:
+        turns = [dict(t) for t in SHAREGPT["conversations"]]
+        turns[1]["value"] = value
+        return {**SHAREGPT, "conversations": turns}
+
+    records = [SHAREGPT, with_call("{\"name\": \"lookup_drug_dose\", \"arguments\": {"),
+               with_call(json.dumps({"name": "book_visit", "arguments": {}})),
+               with_call(json.dumps({"name": "lookup_drug_dose", "arguments": {"drug": "x"}}))]
+    data = tmp_path / "tools.jsonl"
+    data.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in records) + "\n", encoding="utf-8")
+    with pytest.raises(SystemExit):
+        validate_data.main([str(data), "--stage", "sft", "--model_name_or_path", tiny_model_dir])
+    out = capsys.readouterr().out
+    assert f"{data}:2: conversations[1].value: a tool call must be JSON" in out
+    assert f"{data}:3: messages[1]: calls 'book_visit', which is not in tools (tools: lookup_drug_dose)" in out
+    assert f"{data}:4: messages[1]: lookup_drug_dose misses required arguments population" in out
+    assert "4 records" not in out and "1 good records, 3 bad" in out
+
+
+@pytest.mark.parametrize("name, text", [
+    ("qwen", "<tool_call>\n{\"name\": \"f\", \"arguments\": {\"a\": 1}}\n</tool_call>"),
+    ("llama3", "{\"name\": \"f\", \"parameters\": {\"a\": 1}}"),
+    ("json", "{\"name\": \"f\", \"arguments\": {\"a\": 1}}"),
+])
+def test_each_format_parses_what_it_renders(name, text):
+    fmt = get_tool_format(name)
+    turn = CallTurn([{"name": "f", "arguments": {"a": 1}}])
+    assert fmt.render_calls(turn.content()) == text
+    assert fmt.parse(text) == turn
+    assert fmt.parse(text[:-3]) is None  # a call cut short is no call: the text comes back as content
+    assert fmt.parse("plain answer") is None
+
+
+def test_tool_format_flag_and_the_tokenizer_template_say_the_format(tokenizer):
+    assert resolve_template(tokenizer, "mistral", tool_format="qwen").tool_format == "qwen"
+    assert resolve_template(tokenizer, "qwen").tool_format == "qwen"
+    with pytest.raises(ValueError, match="unknown --tool_format 'xml'; known formats: qwen, llama3, json"):
+        resolve_template(tokenizer, "chatml", tool_format="xml")
+    with pytest.raises(DataError, match="a tool call must be JSON"):
+        read_call_turn("call lookup_drug_dose please")
