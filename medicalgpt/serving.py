@@ -58,10 +58,11 @@ class ChatModel:
     reasoning: bool = False  # replies may open with a <think> block: split it off (medicalgpt.reasoning)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def encode(self, messages: list[dict]) -> list[int]:
-        """Prompt ids of a conversation ending in a user turn, with the assistant generation prompt."""
+    def encode(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+        """Prompt ids of a conversation ending in a user (or tool-result) turn, with the assistant generation
+        prompt; tools: the functions the model may call (OpenAI's schema)."""
         try:
-            return self.template.encode_prompt(self.tokenizer, messages)
+            return self.template.encode_prompt(self.tokenizer, messages, tools)
         except jinja2.TemplateError as error:  # a tokenizer's own template may refuse e.g. a system turn
             raise UsageError(f"the chat template rejects this conversation: {error}") from error
 

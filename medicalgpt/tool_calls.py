@@ -261,3 +261,67 @@ def get_tool_format(name: str) -> ToolFormat:
     if name not in TOOL_FORMATS:
         raise UsageError(f"unknown --tool_format {name!r}; known formats: {', '.join(TOOL_FORMATS)}")
     return TOOL_FORMATS[name]
+
+
+class CallStream:
+    """A streamed reply's text passed on until it may be turning into a tool call; from there on it is held, and
+    parse() says at the end whether it was a call (else the held text is still to be sent as content).
+
+    prefix: text already put in the model's mouth (a forced call's opening), which the held text starts with.
+    """
+
+    def __init__(self, fmt: ToolFormat, prefix: str = ""):
+        self.fmt, self.held, self.calling = fmt, prefix, bool(prefix)
+        self.prose = ""  # the text passed on before the call
+
+    def feed(self, piece: str) -> str:
+        """The text that is safe to send as content now."""
+        self.held += piece
+        if self.calling:
+            return ""
+        if not self.fmt.call_open:  # a JSON format: the whole reply is a call or it is not
+            stripped = self.held.lstrip()
+            if not stripped:
+                return ""
+            self.calling = stripped.startswith(("{", "["))
+            return "" if self.calling else self._send(len(self.held))
+        start = self.held.find(self.fmt.call_open)
+        if start >= 0:
+            self.calling = True
+            return self._send(start)
+        open_tag = self.fmt.call_open
+        keep = next((n for n in range(min(len(open_tag) - 1, len(self.held)), 0, -1)
+                     if self.held.endswith(open_tag[:n])), 0)  # a tag cut between pieces
+        return self._send(len(self.held) - keep)
+
+    def _send(self, end: int) -> str:
+        text, self.held = self.held[:end], self.held[end:]
+        self.prose += text
+        return text
+
+    def finish(self) -> tuple[CallTurn | None, str]:
+        """(the call, or None, and the held text still to send as content when it was no call)."""
+        call = self.fmt.parse(self.held) if self.calling else None
+        if call is None:
+            return None, self.held
+        return CallTurn(call.calls, (self.prose + call.text).strip()), ""
+
+
+def first_decision(messages: list[dict]) -> tuple[list[dict], CallTurn | None]:
+    """A conversation's turns before its first reply, and the call that reply makes (None: it answers)."""
+    index = next(i for i, m in enumerate(messages) if m["role"] in ("assistant", "function_call"))
+    reply = messages[index]
+    return messages[:index], read_call_turn(reply["content"]) if reply["role"] == "function_call" else None
+
+
+def score_tool_calls(expected: list[CallTurn | None], replies: list[str], fmt: ToolFormat) -> dict:
+    """Tool-call accuracy of generated replies: tool_call_accuracy counts a reply right when it calls exactly the
+    expected tools with exactly the expected arguments (parsed JSON equality), or makes no call where none is
+    expected; tool_choice_accuracy asks only for the right tools (or none)."""
+    exact = choice = 0
+    for want, reply in zip(expected, replies, strict=True):
+        got = fmt.parse(reply)
+        names = [c["name"] for c in got.calls] if got else []
+        choice += names == ([c["name"] for c in want.calls] if want else [])
+        exact += (got.calls if got else None) == (want.calls if want else None)
+    return {"tool_call_accuracy": exact / len(replies), "tool_choice_accuracy": choice / len(replies)}

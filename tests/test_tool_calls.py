@@ -3,17 +3,27 @@ on the calls and the answer only, converted without loss, validated by file:line
 (an agent loop with the official client), and evaluated."""
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
+import openai
 import pytest
+import torch
+from fastapi.testclient import TestClient
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import convert_dataset
+import openai_api
 import validate_data
+from medicalgpt.args import ModelArguments
 from medicalgpt.data import iter_records, to_conversation, to_preference
 from medicalgpt.data.processors import prompt_and_response
 from medicalgpt.errors import DataError
+from medicalgpt.serving import ServeArguments, load_chat_model
 from medicalgpt.templates import IGNORE_INDEX, get_template, resolve_template
 from medicalgpt.tool_calls import CallTurn, get_tool_format, read_call_turn
+from tests.ports import api_server
+from tests.test_serving import openai_client
 from tests.test_templates import template_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -171,3 +181,119 @@ def test_tool_format_flag_and_the_tokenizer_template_say_the_format(tokenizer):
         resolve_template(tokenizer, "chatml", tool_format="xml")
     with pytest.raises(DataError, match="a tool call must be JSON"):
         read_call_turn("call lookup_drug_dose please")
+
+
+# --- serving: a tiny model that has learnt one agent exchange answers through the OpenAI API -------------------
+
+TOOL = {"type": "function", "function": {"name": "find_department", "description": "Department for a symptom",
+                                         "parameters": {"type": "object", "properties": {"symptom": {
+                                             "type": "string"}}, "required": ["symptom"]}}}
+QUESTION, SYMPTOM, FOUND, ANSWER = "头痛看哪个科？", {"symptom": "头痛"}, '{"department": "神经内科"}', "请看神经内科。"
+AGENT_TURNS = [{"role": "user", "content": QUESTION},
+               {"role": "function_call", "content": json.dumps({"name": "find_department", "arguments": SYMPTOM},
+                                                               ensure_ascii=False)},
+               {"role": "observation", "content": FOUND}, {"role": "assistant", "content": ANSWER}]
+
+
+@pytest.fixture(scope="module")
+def tool_model_dir(tiny_model_dir, tmp_path_factory) -> str:
+    """The tiny model fully fine-tuned on one exchange: call find_department, then answer from its result."""
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    ids, labels = resolve_template(tok, None).encode(tok, AGENT_TURNS, [TOOL])
+    torch.manual_seed(0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 - step / 150)  # decays: stays learnt
+    for _ in range(150):
+        model(input_ids=torch.tensor([ids]), labels=torch.tensor([labels])).loss.backward()
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad()
+    out = tmp_path_factory.mktemp("tool_model")
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def tool_client(tool_model_dir) -> Iterator[openai.OpenAI]:
+    chat = load_chat_model(ModelArguments(model_name_or_path=tool_model_dir), ServeArguments())
+    with openai_client(openai_api.create_app(chat, max_new_tokens=96)) as client:
+        yield client
+
+
+def ask_with_tools(client: openai.OpenAI, **kwargs):
+    return client.chat.completions.create(model="medicalgpt", messages=[{"role": "user", "content": QUESTION}],
+                                          tools=[TOOL], temperature=0, **kwargs)
+
+
+def test_a_call_comes_back_as_tool_calls_streamed_or_not(tool_client):
+    reply = ask_with_tools(tool_client)
+    choice = reply.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    (call,) = choice.message.tool_calls
+    assert call.type == "function" and call.id.startswith("call_") and call.function.name == "find_department"
+    assert json.loads(call.function.arguments) == SYMPTOM
+    chunks = [c for c in ask_with_tools(tool_client, stream=True) if c.choices]
+    deltas = [c.choices[0].delta.tool_calls for c in chunks if c.choices[0].delta.tool_calls]
+    # as OpenAI streams them: id, type and name with empty arguments first, then the arguments
+    assert deltas[0][0].index == 0 and deltas[0][0].id.startswith("call_") and deltas[0][0].type == "function"
+    assert deltas[0][0].function.name == "find_department" and deltas[0][0].function.arguments == ""
+    assert json.loads("".join(d[0].function.arguments for d in deltas)) == SYMPTOM
+    assert not any(c.choices[0].delta.content for c in chunks)  # the call's text is not also sent as content
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+
+@pytest.mark.parametrize("tool_choice", ["required", {"type": "function", "function": {"name": "find_department"}}])
+def test_required_and_named_tool_choice_force_a_call(tool_client, tool_choice):
+    reply = ask_with_tools(tool_client, tool_choice=tool_choice)
+    assert reply.choices[0].finish_reason == "tool_calls"
+    assert reply.choices[0].message.tool_calls[0].function.name == "find_department"
+
+
+def test_tool_choice_none_answers_in_text(tool_client):
+    reply = ask_with_tools(tool_client, tool_choice="none", max_tokens=8)
+    assert reply.choices[0].message.tool_calls is None and reply.choices[0].finish_reason != "tool_calls"
+
+
+def test_a_call_that_does_not_parse_comes_back_as_content(tool_client):
+    reply = ask_with_tools(tool_client, max_tokens=20)  # the call is cut off before its JSON ends
+    assert reply.choices[0].message.tool_calls is None and reply.choices[0].finish_reason == "length"
+    assert reply.choices[0].message.content.startswith("<tool_call>\n{\"name\"")
+    streamed = [c for c in ask_with_tools(tool_client, max_tokens=20, stream=True) if c.choices]
+    assert "".join(c.choices[0].delta.content or "" for c in streamed) == reply.choices[0].message.content
+
+
+@pytest.mark.parametrize("change, status, param", [
+    ({"tool_choice": "required", "tools": None}, 400, "tool_choice"),
+    ({"tool_choice": {"type": "function", "function": {"name": "book_visit"}}}, 400, "tool_choice"),
+    ({"tools": [{"type": "function", "function": {"description": "no name"}}]}, 422, "tools"),
+    ({"tools": "find_department"}, 422, "tools"),
+    ({"messages": [{"role": "user", "content": QUESTION}, {"role": "assistant", "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "find_department", "arguments": "{\"symptom\": "}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": FOUND}]}, 400, "messages"),
+    ({"messages": [{"role": "tool", "content": {"x": 1}}]}, 422, "messages"),
+])
+def test_hostile_tool_requests_are_4xx_not_500(tool_model_dir, change, status, param):
+    chat = load_chat_model(ModelArguments(model_name_or_path=tool_model_dir), ServeArguments())
+    body = {"model": "medicalgpt", "messages": [{"role": "user", "content": QUESTION}], "tools": [TOOL], **change}
+    with TestClient(openai_api.create_app(chat, max_new_tokens=4)) as http:
+        response = http.post("/v1/chat/completions", json={k: v for k, v in body.items() if v is not None})
+    assert response.status_code == status, response.text
+    assert response.json()["error"]["param"] == param
+
+
+def test_the_official_client_runs_an_agent_loop_against_the_server(tool_model_dir, tmp_path):
+    tools = {"find_department": lambda symptom: FOUND}  # the client's own tool
+    with api_server(tool_model_dir, "sk-agent", tmp_path / "server.log") as url:
+        client = openai.OpenAI(api_key="sk-agent", base_url=url, max_retries=0)
+        messages = [{"role": "user", "content": QUESTION}]
+        first = client.chat.completions.create(model="medicalgpt", messages=messages, tools=[TOOL], temperature=0)
+        assert first.choices[0].finish_reason == "tool_calls"
+        messages.append(first.choices[0].message)  # as agents do: the assistant's message object as it came
+        for call in first.choices[0].message.tool_calls:
+            result = tools[call.function.name](**json.loads(call.function.arguments))
+            messages.append({"role": "tool", "tool_call_id": call.id, "content": result})
+        final = client.chat.completions.create(model="medicalgpt", messages=messages, tools=[TOOL], temperature=0)
+    assert final.choices[0].finish_reason == "stop" and final.choices[0].message.content == ANSWER
+    assert final.choices[0].message.tool_calls is None
