@@ -13,7 +13,9 @@ from fastapi.testclient import TestClient
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import convert_dataset
+import dpo_training
 import openai_api
+import supervised_finetuning
 import validate_data
 from medicalgpt.args import ModelArguments
 from medicalgpt.data import iter_records, to_conversation, to_preference
@@ -116,6 +118,22 @@ def test_react_preference_answer_becomes_a_call_in_the_template_format(tokenizer
                    "chosen": [{"role": "assistant", "content": None, "tool_calls": [openai_call(**CALL)]}],
                    "rejected": [{"role": "assistant", "content": "一天吃很多次。"}]}
     assert to_preference(openai_pair) == pair
+
+
+def test_medicalgpts_tool_sft_and_dpo_shapes_train_as_they_are(tmp_path, tiny_model_dir):
+    (tmp_path / "sft").mkdir()
+    (tmp_path / "sft/glaive_toolcall.jsonl").write_text((json.dumps(SHAREGPT, ensure_ascii=False) + "\n") * 4,
+                                                        encoding="utf-8")
+    pairs = {**REACT_PAIR, "tools": json.dumps(REACT_PAIR["tools"], ensure_ascii=False)}
+    (tmp_path / "dpo").mkdir()
+    (tmp_path / "dpo/toolcall_dpo.jsonl").write_text((json.dumps(pairs, ensure_ascii=False) + "\n") * 4,
+                                                     encoding="utf-8")
+    fast = ["--model_name_or_path", tiny_model_dir, "--max_steps", "1", "--per_device_train_batch_size", "2",
+            "--report_to", "none", "--save_strategy", "no", "--disable_tqdm", "True", "--max_length", "512"]
+    assert supervised_finetuning.main([*fast, "--train_file_dir", str(tmp_path / "sft"),
+                                       "--output_dir", str(tmp_path / "out_sft")])["train_loss"] > 0
+    assert dpo_training.main([*fast, "--train_file_dir", str(tmp_path / "dpo"),
+                              "--output_dir", str(tmp_path / "out_dpo")])["train_loss"] > 0
 
 
 def test_sharegpt_openai_sharegpt_round_trip_is_lossless(tmp_path):
