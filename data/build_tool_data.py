@@ -21,17 +21,17 @@ from knowledge import CONDITIONS, WEIGHT_BASED_DOSES
 
 DATA_DIR = Path(__file__).resolve().parent
 SEED = 20241215
-TRAIN_SIZE, VALIDATION_SIZE = 400, 60
+TRAIN_SIZE, VALIDATION_SIZE = 400, 40
 NO_TOOL_RATE = 0.2
 
 # MedicalGPT's tool schema (name, description, parameters), kept short: every prompt carries all three.
 TOOLS = [
-    {"name": "lookup_drug_dose", "description": "Usual dose of a drug", "parameters": {
-        "type": "object", "properties": {"drug": {"type": "string"}, "population": {"type": "string"}},
+    {"name": "lookup_drug_dose", "description": "drug dose", "parameters": {
+        "type": "object", "properties": {"drug": {"type": "string"}, "population": {"enum": ["adult", "child"]}},
         "required": ["drug", "population"]}},
-    {"name": "find_department", "description": "Departments that see a symptom", "parameters": {
+    {"name": "find_department", "description": "department for a symptom", "parameters": {
         "type": "object", "properties": {"symptom": {"type": "string"}}, "required": ["symptom"]}},
-    {"name": "recommend_exam", "description": "Key exam for a condition", "parameters": {
+    {"name": "recommend_exam", "description": "key exam", "parameters": {
         "type": "object", "properties": {"condition": {"type": "string"}}, "required": ["condition"]}},
 ]
 CHILD_DOSES = {d[f"drug_{lang}"]: (d, lang) for d in WEIGHT_BASED_DOSES for lang in ("en", "zh")}
