@@ -110,8 +110,8 @@ python supervised_finetuning.py --model_name_or_path "$OUT/sft-merged" --output_
     --lr_scheduler_type cosine --per_device_train_batch_size 8 "${COMMON[@]}" \
     --max_steps "$([ "${FAST:-0}" = 1 ] && echo 2 || echo 40)"
 evaluate --name tools --model_name_or_path "$OUT/tools" "${TOOL_EVAL[@]}"
-python inference.py --base_model "$OUT/tools" --data_file data/tools/validation --output_file "$OUT/tool_answers.jsonl" \
-    --temperature 0 --max_new_tokens 96
+python inference.py --base_model "$OUT/tools" --data_file data/tools/questions.jsonl \
+    --output_file "$OUT/tool_answers.jsonl" --temperature 0 --max_new_tokens 96
 head -n 2 "$OUT/tool_answers.jsonl"
 
 stage "Merge DPO and answer held-out questions with inference.py"

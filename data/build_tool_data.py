@@ -6,8 +6,9 @@ Usage (from any directory)::
     python data/build_tool_data.py
 
 Writes tools/train/medical_tools.jsonl (SFT conditions) and tools/validation/medical_tools.jsonl (held-out
-conditions, as in build_sample_data.py: their drugs, exams and symptoms never appear in train). Some questions
-need no tool (the answer is plain text), so a model that calls a tool for everything is caught. Deterministic.
+conditions, as in build_sample_data.py: their drugs, exams and symptoms never appear in train), and the validation
+split's first questions with their tools as tools/questions.jsonl (prompts for inference.py). Some questions need
+no tool (the answer is plain text), so a model that calls a tool for everything is caught. Deterministic.
 """
 
 from __future__ import annotations
@@ -126,8 +127,10 @@ def write(records: list[dict], path: Path) -> None:
 
 def main() -> None:
     write(build(SFT_CONDITIONS, TRAIN_SIZE, SEED), DATA_DIR / "tools" / "train" / "medical_tools.jsonl")
-    write(build(HELD_OUT_CONDITIONS, VALIDATION_SIZE, SEED + 1),
-          DATA_DIR / "tools" / "validation" / "medical_tools.jsonl")
+    validation = build(HELD_OUT_CONDITIONS, VALIDATION_SIZE, SEED + 1)
+    write(validation, DATA_DIR / "tools" / "validation" / "medical_tools.jsonl")
+    write([{"conversations": r["conversations"][:1], "tools": r["tools"]} for r in validation],
+          DATA_DIR / "tools" / "questions.jsonl")
 
 
 if __name__ == "__main__":

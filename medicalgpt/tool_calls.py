@@ -115,15 +115,13 @@ def results_content(results: list[str]) -> str:
 
 def read_results(content: str) -> list[str]:
     """The tool results of an observation turn."""
-    if content.startswith("{\"" + _RESULTS_KEY):
-        try:
-            value = json.loads(content)
-        except json.JSONDecodeError:
-            return [content]
-        if isinstance(value, dict) and set(value) == {_RESULTS_KEY} and all(isinstance(r, str) for r in value[
-                _RESULTS_KEY]):
-            return value[_RESULTS_KEY]
-    return [content]
+    if not content.startswith("{\"" + _RESULTS_KEY):
+        return [content]
+    try:
+        results = json.loads(content)[_RESULTS_KEY]
+    except (json.JSONDecodeError, KeyError):
+        return [content]
+    return results if isinstance(results, list) and all(isinstance(r, str) for r in results) else [content]
 
 
 def openai_tool_calls(turn: CallTurn, for_api: bool = False) -> list[dict]:

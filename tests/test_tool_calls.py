@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import convert_dataset
 import dpo_training
+import inference
 import openai_api
 import supervised_finetuning
 import validate_data
@@ -315,3 +316,12 @@ def test_the_official_client_runs_an_agent_loop_against_the_server(tool_model_di
         final = client.chat.completions.create(model="medicalgpt", messages=messages, tools=[TOOL], temperature=0)
     assert final.choices[0].finish_reason == "stop" and final.choices[0].message.content == ANSWER
     assert final.choices[0].message.tool_calls is None
+
+
+def test_inference_returns_the_calls_parsed(tool_model_dir, tmp_path):
+    record = {"messages": AGENT_TURNS[:1], "tools": [TOOL]}
+    (tmp_path / "ask.jsonl").write_text(json.dumps(record, ensure_ascii=False) + "\n", encoding="utf-8")
+    inference.main(["--base_model", tool_model_dir, "--data_file", str(tmp_path / "ask.jsonl"), "--output_file",
+                    str(tmp_path / "out.jsonl"), "--temperature", "0", "--max_new_tokens", "96"])
+    (row,) = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert row["tool_calls"] == [{"name": "find_department", "arguments": SYMPTOM}] and row["response"] == ""
