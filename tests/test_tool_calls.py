@@ -24,7 +24,7 @@ from medicalgpt.data.processors import prompt_and_response
 from medicalgpt.errors import DataError
 from medicalgpt.serving import ServeArguments, load_chat_model
 from medicalgpt.templates import IGNORE_INDEX, get_template, resolve_template
-from medicalgpt.tool_calls import CallTurn, get_tool_format, read_call_turn
+from medicalgpt.tool_calls import CallStream, CallTurn, get_tool_format, read_call_turn
 from tests.ports import api_server
 from tests.test_serving import openai_client
 from tests.test_templates import template_tokenizer
@@ -191,6 +191,20 @@ def test_each_format_parses_what_it_renders(name, text):
     assert fmt.parse(text) == turn
     assert fmt.parse(text[:-3]) is None  # a call cut short is no call: the text comes back as content
     assert fmt.parse("plain answer") is None
+
+
+def test_streamed_text_goes_out_until_a_call_begins_even_with_its_tag_cut_between_pieces():
+    stream = CallStream(get_tool_format("qwen"))
+    pieces = ["I will check.", "\n<tool", "_call>\n{\"name\": \"f\", ", "\"arguments\": {}}\n</tool_call>"]
+    sent = [stream.feed(piece) for piece in pieces]
+    assert "".join(sent) == "I will check.\n" and sent[1] == "\n"  # the cut tag is held, not sent
+    assert stream.finish() == (CallTurn([{"name": "f", "arguments": {}}], "I will check."), "")
+    plain = CallStream(get_tool_format("json"))
+    assert [plain.feed(p) for p in [" ", "{\"a\": ", "1} is JSON, not a call"]] == ["", "", ""]
+    assert plain.finish() == (None, " {\"a\": 1} is JSON, not a call")  # held, then sent as content
+    forced = CallStream(get_tool_format("qwen"), prefix=get_tool_format("qwen").forced_prefix("f"))
+    forced.feed("{\"x\": 2}}\n</tool_call>")
+    assert forced.finish() == (CallTurn([{"name": "f", "arguments": {"x": 2}}]), "")
 
 
 def test_tool_format_flag_and_the_tokenizer_template_say_the_format(tokenizer):
