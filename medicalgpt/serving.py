@@ -13,7 +13,7 @@ from medicalgpt.errors import UsageError
 from medicalgpt.generation import stream_generate
 from medicalgpt.modeling import load_for_inference, load_tokenizer, set_stop_tokens, with_adapter_base
 from medicalgpt.reasoning import is_reasoning_model, with_thinking
-from medicalgpt.templates import resolve_template
+from medicalgpt.templates import resolve_template, with_tool_format
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")  # the addresses that keep a server off the network
 
@@ -79,8 +79,8 @@ def load_chat_model(model_args: ModelArguments, serve_args: AdapterArguments) ->
     adapter and no base model, the base is the one the adapter records."""
     model_args = with_adapter_base(model_args, serve_args.lora_model)
     tokenizer = load_tokenizer(model_args, serve_args.lora_model)
-    template = with_thinking(resolve_template(tokenizer, serve_args.template_name, tool_format=serve_args.tool_format),
-                             serve_args.enable_thinking)
+    template = with_tool_format(resolve_template(tokenizer, serve_args.template_name), serve_args.tool_format)
+    template = with_thinking(template, serve_args.enable_thinking)
     model = load_for_inference(model_args, serve_args.lora_model)
     set_stop_tokens(model, tokenizer, template.stop_words)
     return ChatModel(model, tokenizer, template, reasoning=is_reasoning_model(template, tokenizer))

@@ -389,10 +389,13 @@ def resolve_template(tokenizer, template_name: str | None, allow_special_tokens:
     that means them); by default they are plain text. tool_format: how tool calls are written and parsed, where
     the template does not say (default: the template's own, else plain JSON).
     """
-    template = _resolve_template(tokenizer, template_name)
-    if tool_format:
-        template = replace(template, tool_format=get_tool_format(tool_format).name)
+    template = with_tool_format(_resolve_template(tokenizer, template_name), tool_format)
     return replace(template, allow_special_tokens=True) if allow_special_tokens else template
+
+
+def with_tool_format(template, tool_format: str | None):
+    """The template writing and parsing tool calls in tool_format (None: in its own format)."""
+    return replace(template, tool_format=get_tool_format(tool_format).name) if tool_format else template
 
 
 def own_tool_format(jinja: str) -> str:
