@@ -10,6 +10,10 @@ Metrics (each from its own flag):
 - answer accuracy on questions with verifiable answers (--answer_file, GRPO's format), generated and scored
   with the reward functions (--reward_funcs);
 - sample answers to held-out conversations (--questions_file), printed beside the references;
+- tool-call accuracy on tool-calling conversations (--tool_file): the model answers each first question with the
+  conversation's tools; right when it calls the expected tool with exactly the expected arguments (parsed JSON
+  equality), or makes no call where the reference answers without one (tool_call_accuracy), and when it picks the
+  right tool, or none (tool_choice_accuracy);
 - a distilled student's distance from its teacher (--teacher_model): the mean per-token KL(teacher || student)
   on the reference answers of held-out conversations (--kl_file);
 - retrieval over a document index (--rag_index, built by rag.py): recall@1 and @k of each question's source document
@@ -61,6 +65,7 @@ from medicalgpt.report import markdown
 from medicalgpt.rewards import choice_accuracy, load_reward_functions, reward_funcs_field
 from medicalgpt.serving import AdapterArguments
 from medicalgpt.templates import resolve_template
+from medicalgpt.tool_calls import first_decision, score_tool_calls
 
 
 @dataclass
@@ -83,6 +88,8 @@ class EvalArguments(AdapterArguments):
     questions_file: str | None = field(default=None, metadata={
         "help": "Conversation files/dirs: the model answers each last user turn; the reference is printed beside."})
     num_questions: int = field(default=5, metadata={"help": "Sample answers to print from --questions_file."})
+    tool_file: str | None = field(default=None, metadata={
+        "help": "Tool-calling conversations (with tools): tool-call accuracy of the model's first reply."})
     teacher_model: str | None = field(default=None, metadata={
         "help": "Report the KL of this teacher's next-token distributions from the model's (distillation)."})
     kl_file: str = field(default="data/sft/validation", metadata={
@@ -205,6 +212,15 @@ def sample_answers(model, tokenizer, template, args: EvalArguments) -> list[dict
             for c, a in zip(conversations, answers, strict=True)]
 
 
+def tool_accuracy(model, tokenizer, template, args: EvalArguments) -> dict:
+    """Tool-call accuracy of the first reply to each conversation of --tool_file (see score_tool_calls)."""
+    conversations = _records(args.tool_file, to_conversation)
+    cases = [(*first_decision(c["messages"]), json.loads(c["tools"]) if c["tools"] else None) for c in conversations]
+    prompts = [template.encode_prompt(tokenizer, prompt, tools) for prompt, _, tools in cases]
+    replies = generate(model, tokenizer, prompts, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+    return score_tool_calls([call for _, call, _ in cases], replies, template.tools_format)
+
+
 def distance_from_teacher(model, model_args, tokenizer, template, args: EvalArguments) -> float:
     """Mean per-token KL(teacher || model) on the reference answers of --kl_file's conversations."""
     teacher = load_model(replace(model_args, model_name_or_path=args.teacher_model)).eval()
@@ -217,7 +233,7 @@ def evaluate_model(model_args: ModelArguments, args: EvalArguments, rag_args: Ra
     """Every requested metric of one model, and its sample answers."""
     model_args = with_adapter_base(model_args, args.lora_model)
     tokenizer = load_tokenizer(model_args, args.lora_model)
-    template = resolve_template(tokenizer, args.template_name)
+    template = resolve_template(tokenizer, args.template_name, tool_format=args.tool_format)
     model = load_for_inference(model_args, args.lora_model)
     set_stop_tokens(model, tokenizer, template.stop_words)
     metrics, samples = {}, []
@@ -234,6 +250,8 @@ def evaluate_model(model_args: ModelArguments, args: EvalArguments, rag_args: Ra
         metrics.update(preference_metrics(model, model_args, tokenizer, template, args))
     if args.answer_file:
         metrics["answer_accuracy"] = answer_accuracy(model, tokenizer, template, args)
+    if args.tool_file:
+        metrics.update(tool_accuracy(model, tokenizer, template, args))
     if args.teacher_model:
         metrics["teacher_kl"] = distance_from_teacher(model, model_args, tokenizer, template, args)
     if rag_args and rag_args.rag_index:

@@ -9,7 +9,8 @@ tokenizer template, or --template_name), and generation stops at EOS and the tem
     python inference.py --base_model outputs-merged --interactive --system_prompt "你是一个专业的医疗助手。"
 
 A --data_file holds one prompt per line (.txt) or conversation records (.jsonl/.json: messages, conversations
-or instruction); each record is answered at its last user turn, with the turns before it as history.
+or instruction); each record is answered at its last user turn, with the turns before it as history. A record
+with tools may be answered with tool calls: they come back parsed, as "tool_calls" beside the "response".
 """
 
 from dataclasses import asdict
@@ -32,6 +33,7 @@ from medicalgpt.errors import UsageError, run_cli
 from medicalgpt.generation import stream_generate
 from medicalgpt.reasoning import THINK_CLOSE, THINK_OPEN
 from medicalgpt.serving import load_chat_model
+from medicalgpt.tool_calls import CallTurn, openai_tool_calls
 
 
 def check_mode(args: InferenceArguments) -> None:
@@ -51,7 +53,8 @@ def as_sft_record(row: dict, system_prompt: str | None) -> dict:
     # A teacher's reasoning stays in the answer, so that the student is trained on it too.
     reply = (f"{THINK_OPEN}\n{row['reasoning_content']}\n{THINK_CLOSE}\n\n{row['response']}"
              if row.get("reasoning_content") else row["response"])
-    record = {"messages": [*with_system(messages, system_prompt), {"role": "assistant", "content": reply}]}
+    calls = {"tool_calls": openai_tool_calls(CallTurn(row["tool_calls"]))} if row.get("tool_calls") else {}
+    record = {"messages": [*with_system(messages, system_prompt), {"role": "assistant", "content": reply, **calls}]}
     return {**record, "tools": row["tools"]} if row.get("tools") else record
 
 
@@ -105,7 +108,8 @@ def main(argv: list[str] | None = None) -> None:
         rows = answer(model, tokenizer, template, requests, args, gen_args, reasoning=chat_model.reasoning)
         if args.output_format == "sft":
             # An empty answer would be a record no stage accepts: leave it out, and say how many.
-            answered = [as_sft_record(row, args.system_prompt) for row in rows if row["response"].strip()]
+            answered = [as_sft_record(row, args.system_prompt) for row in rows
+                        if row["response"].strip() or row.get("tool_calls")]
             if len(answered) < len(rows):
                 print(f"Left out {len(rows) - len(answered)} of {len(rows)} prompts whose answer was empty")
             rows = answered

@@ -62,6 +62,7 @@ from medicalgpt.serving import (
     load_chat_model,
 )
 from medicalgpt.templates import CHAT_TEMPLATE_DIR, get_template
+from medicalgpt.tool_calls import CallStream, CallTurn
 
 logger = logging.getLogger(__name__)
 DEFAULT_MAX_REQUEST_BYTES = 4 * 1024 * 1024  # far more text than any context holds
@@ -109,7 +110,13 @@ class Completion:
     def __init__(self, chat: ChatModel, request: ChatCompletionRequest, max_new_tokens: int,
                  max_model_len: int | None = None, hits: list[Hit] | None = None):
         self.chat, self.request = chat, request
-        self.prompt = chat.encode(grounded_messages(request.conversation(), hits or []))
+        tools = request.tool_schemas()
+        self.prompt = chat.encode(grounded_messages(request.conversation(), hits or []), tools)
+        # A required (or named) call is started in the model's mouth; the parser reads it from there.
+        required, name = request.forced_call()
+        self.call_prefix = chat.template.tools_format.forced_prefix(name) if tools and required else ""
+        self.prompt += chat.tokenizer.encode(self.call_prefix, add_special_tokens=False) if self.call_prefix else []
+        self.calls = CallStream(chat.template.tools_format, self.call_prefix) if tools else None
         self.max_new_tokens = completion_budget(len(self.prompt), request.max_completion_tokens or request.max_tokens,
                                                 max_new_tokens, max_model_len)
         self.stop = threading.Event()  # set when the client goes away
@@ -157,9 +164,25 @@ class Completion:
                 token_logprob(decode([i]), value) for value, i in zip(top.values.tolist(), top.indices.tolist())]})
         return {"content": content}
 
+    def tool_call(self, text: str) -> tuple[CallTurn | None, str]:
+        """A whole reply as (its tool call, its text); a call that does not parse stays text."""
+        if self.calls is None:
+            return None, text
+        sent = self.calls.feed(text)
+        call, rest = self.calls.finish()
+        return (call, call.text) if call else (None, sent + rest)
+
     def usage(self) -> dict:
         return {"prompt_tokens": len(self.prompt), "completion_tokens": self.counter.generated,
                 "total_tokens": len(self.prompt) + self.counter.generated}
+
+    def _deltas(self, writer: ChunkWriter, parts: list[tuple[str, str]]) -> Iterator[str]:
+        """Chunks of reasoning and content pieces; content that may be a tool call is held by self.calls."""
+        for field_name, part in parts:
+            if field_name == "content" and self.calls:
+                part = self.calls.feed(part)
+            if part:
+                yield writer.choice({field_name: part})
 
     def events(self, writer: ChunkWriter) -> Iterator[str]:
         """The server-sent events; a generation error becomes an error event, and [DONE] always ends them."""
@@ -167,11 +190,13 @@ class Completion:
         splitter = ReasoningSplitter() if self.chat.reasoning else None
         try:
             for text in self.pieces():
-                for field_name, part in splitter.feed(text) if splitter else [("content", text)]:
-                    yield writer.choice({field_name: part})
-            for field_name, part in splitter.flush() if splitter else []:
-                yield writer.choice({field_name: part})
-            yield writer.choice({}, self.finish_reason)
+                yield from self._deltas(writer, splitter.feed(text) if splitter else [("content", text)])
+            yield from self._deltas(writer, splitter.flush() if splitter else [])
+            call, rest = self.calls.finish() if self.calls else (None, "")
+            if rest:  # held as a possible call, but it is text
+                yield writer.choice({"content": rest})
+            yield from writer.tool_calls(call) if call else []
+            yield writer.choice({}, "tool_calls" if call else self.finish_reason)
             if self.request.stream_options and self.request.stream_options.include_usage:
                 yield writer.usage(self.usage())
         except Exception as error:  # the status line is long gone: tell the client in the stream
@@ -340,8 +365,9 @@ def create_app(chat: ChatModel, model_name: str = "medicalgpt", api_key: str | N
         text = await complete(completion, turn, http_request)
         logprobs = await run_in_threadpool(completion.logprobs, text)  # a softmax over the vocabulary per token
         reasoning, text = split_reasoning(text) if chat.reasoning else (None, text)
+        call, text = completion.tool_call(text)
         return {**completion_body(model_name, text, completion.finish_reason, completion.usage(), logprobs,
-                                  reasoning), **extra}
+                                  reasoning, call), **extra}
 
     return app
 

@@ -4,6 +4,7 @@
 #   base model -> PT -> SFT -> reward model -> PPO,   and from the SFT model: DPO, ORPO, GRPO;
 #   plus an SFT run without PT (what PT is worth), distillation of the SFT model into a tiny student (against
 #   plain SFT of the same student), merged models and sample answers through inference.py.
+#   Tool use: SFT of the SFT model on data/tools, with tool-call accuracy before and after (docs/tool-calling.md).
 # Writes $OUT/results.{json,md} (the table), $OUT/curves.png (every stage's curves) and each stage's outputs.
 # FAST=1 runs a few steps of everything (the test suite's end-to-end check).
 set -euo pipefail
@@ -104,6 +105,18 @@ evaluate --name grpo --model_name_or_path "$OUT/sft-merged" --lora_model "$OUT/g
 stage "RAG: index data/rag/docs; the SFT model answers questions only they answer, without and with retrieval"
 python rag.py index data/rag/docs --index_dir "$OUT/rag-index"
 evaluate --name rag --model_name_or_path "$OUT/sft-merged" --rag_index "$OUT/rag-index"
+
+stage "Tool use: full SFT of the SFT model on data/tools (three medical tools), tool-call accuracy before and after"
+TOOL_EVAL=(--tool_file data/tools/validation --max_new_tokens "$([ "${FAST:-0}" = 1 ] && echo 8 || echo 96)")
+evaluate --name tools_before --model_name_or_path "$OUT/sft-merged" "${TOOL_EVAL[@]}"
+python supervised_finetuning.py --model_name_or_path "$OUT/sft-merged" --output_dir "$OUT/tools" --use_peft False \
+    --train_file_dir data/tools/train --max_length 768 --packing True --learning_rate 5e-3 --warmup_steps 5 \
+    --lr_scheduler_type cosine --per_device_train_batch_size 8 "${COMMON[@]}" \
+    --max_steps "$([ "${FAST:-0}" = 1 ] && echo 2 || echo 40)"
+evaluate --name tools --model_name_or_path "$OUT/tools" "${TOOL_EVAL[@]}"
+python inference.py --base_model "$OUT/tools" --data_file data/tools/questions.jsonl \
+    --output_file "$OUT/tool_answers.jsonl" --temperature 0 --max_new_tokens 96
+head -n 2 "$OUT/tool_answers.jsonl"
 
 stage "Merge DPO and answer held-out questions with inference.py"
 python merge_peft_adapter.py --base_model "$OUT/sft-merged" --lora_model "$OUT/dpo" --output_dir "$OUT/dpo-merged"

@@ -1,5 +1,6 @@
 """Check a dataset before training: read it exactly as a stage would and report, per file, the records, the
-detected format, every problem by file:line and field, token-length percentiles with the stage's tokenizer and
+detected format, every problem by file:line and field (tool calls too: invalid JSON, a tool not in `tools`, a
+required argument missing), token-length percentiles with the stage's tokenizer and
 chat template, how many samples --max_length would truncate and how many assistant turns would carry no loss, and
 for the preference stages what --long_pairs truncate would cut and --long_pairs drop would drop. Exits with
 status 1 when any record is bad.
@@ -30,13 +31,28 @@ from medicalgpt.data import (
 )
 from medicalgpt.data.loading import LoadReport, iter_converted
 from medicalgpt.data.processors import encode_responses, fit_lengths, shorter_prompts
-from medicalgpt.errors import run_cli
+from medicalgpt.errors import DataError, run_cli
 from medicalgpt.modeling import load_tokenizer
 from medicalgpt.templates import ASSISTANT_SIDE, IGNORE_INDEX, resolve_template
+from medicalgpt.tool_calls import schema_problems
 
 
 def _tools(record: dict) -> list | None:
     return json.loads(record["tools"]) if record.get("tools") else None
+
+
+def with_tool_checks(convert: Callable) -> Callable:
+    """convert, and then the record's tool calls checked against its tools (a call of a tool not in tools, or one
+    missing a required argument, is a problem of that record)."""
+    def checked(raw: object) -> dict:
+        record = convert(raw)
+        answers = {f"completions[{i}]": c for i, c in enumerate(record.get("completions") or [])}
+        answers |= {key: record[key] for key in ("chosen", "rejected") if key in record}
+        if problems := schema_problems(record.get("messages") or [], _tools(record) or [], answers):
+            raise DataError("; ".join(problems))
+        return record
+
+    return checked
 
 
 def measure_text(record: dict, tokenizer, template, args: argparse.Namespace) -> tuple[int, dict]:
@@ -123,7 +139,8 @@ def validate_file(path: Path, args: argparse.Namespace, tokenizer, template) -> 
     """One file's report: records, format, problems, token lengths, truncation and loss-free assistant turns."""
     convert, measure = STAGES[args.stage]
     report, formats, lengths, counts = AllProblems(args.max_problems), set(), [], Counter()
-    for _, kind, record in iter_converted(iter_records(path), convert, report, skip_bad_records=True):
+    for _, kind, record in iter_converted(iter_records(path), with_tool_checks(convert), report,
+                                          skip_bad_records=True):
         formats.add(kind)
         length, record_counts = measure(record, tokenizer, template, args)
         lengths.append(length)

@@ -100,7 +100,6 @@ ALIASES: dict[str, Alias] = {a.flag: a for a in [
     Alias("--overwrite_cache", ignored="tokenised data is not cached between runs"),
     Alias("--ignore_pad_token_for_loss", ignored="padding never carries loss"),
     Alias("--packing", ignored="pretraining.py always concatenates documents into --block_size blocks"),
-    Alias("--tool_format", ignored="tool calls use the chat template's own format (--template_name)"),
     # Trainer flags ppo_training.py has no use for: its loop runs --max_steps rollout batches and does not evaluate.
     *(Alias(flag, ignored="ppo_training.py runs --max_steps rollout steps and does not evaluate while training")
       for flag in ("--do_train", "--do_eval", "--eval_strategy", "--eval_steps", "--num_train_epochs",

@@ -104,15 +104,17 @@ def encode_request(tokenizer, template, request: dict, system_prompt: str | None
 def answer(model, tokenizer, template, requests: list[dict], args: InferenceArguments,
            gen_args: GenerationArguments, show_progress: bool = True, reasoning: bool = False) -> list[dict]:
     """Each request (its non-empty fields) with its "response", in input order; a reasoning model's think block
-    goes to "reasoning_content"."""
+    goes to "reasoning_content", and the calls of a request with tools to "tool_calls" ({"name", "arguments"})."""
     prompts = [encode_request(tokenizer, template, request, args.system_prompt) for request in requests]
     responses = generate(model, tokenizer, prompts, batch_size=args.batch_size, show_progress=show_progress,
                          **asdict(gen_args))
     rows = []
     for request, response in zip(requests, responses, strict=True):
         thought, response = split_reasoning(response) if reasoning else (None, response)
-        rows.append({**{k: v for k, v in request.items() if v}, "response": response,
-                     **({"reasoning_content": thought} if thought is not None else {})})
+        call = template.tools_format.parse(response) if request.get("tools") else None
+        rows.append({**{k: v for k, v in request.items() if v}, "response": call.text if call else response,
+                     **({"reasoning_content": thought} if thought is not None else {}),
+                     **({"tool_calls": call.calls} if call else {})})
     return rows
 
 

@@ -102,6 +102,10 @@ class PretrainDataArguments(StreamingArguments, DataArguments):
 class ChatDataArguments(DataArguments):
     template_name: str | None = field(default=None, metadata={
         "help": "Built-in chat template (chatml, qwen, llama3, ...). Default: the tokenizer's own template."})
+    tool_format: str | None = field(default=None, metadata={
+        "help": "How tool calls and results are written: qwen (<tool_call> JSON), llama3 (JSON, ipython turns) or "
+                "json. Default: the chat template's own (qwen for chatml/qwen/qwen3, llama3 for llama3), else json.",
+        "choices": ["qwen", "llama3", "json"]})
     allow_special_tokens_in_content: bool = field(default=False, metadata={
         "help": "Tokenise special-token strings inside message content (e.g. a typed end-of-turn token) as control "
                 "tokens. "

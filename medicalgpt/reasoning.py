@@ -32,7 +32,8 @@ def with_thinking(template, enable_thinking: bool):
     if template.name not in NO_THINK_VARIANTS:
         raise UsageError(f"--enable_thinking False: the {template.name} template has no thinking switch (templates "
                          f"with one: {', '.join(sorted(NO_THINK_VARIANTS))})")
-    return replace(get_template(NO_THINK_VARIANTS[template.name]), allow_special_tokens=template.allow_special_tokens)
+    return replace(get_template(NO_THINK_VARIANTS[template.name]), allow_special_tokens=template.allow_special_tokens,
+                   tool_format=template.tool_format)
 
 
 def split_reasoning(text: str) -> tuple[str | None, str]:

@@ -13,7 +13,7 @@ from medicalgpt.errors import UsageError
 from medicalgpt.generation import stream_generate
 from medicalgpt.modeling import load_for_inference, load_tokenizer, set_stop_tokens, with_adapter_base
 from medicalgpt.reasoning import is_reasoning_model, with_thinking
-from medicalgpt.templates import resolve_template
+from medicalgpt.templates import resolve_template, with_tool_format
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")  # the addresses that keep a server off the network
 
@@ -34,6 +34,9 @@ class AdapterArguments:
     lora_model: str | None = field(default=None, metadata={"help": "A LoRA adapter to apply to the base model."})
     template_name: str | None = field(default=None, metadata={
         "help": "Built-in chat template (chatml, qwen, llama3, ...). Default: the tokenizer's own template."})
+    tool_format: str | None = field(default=None, metadata={
+        "help": "How tool calls are written and parsed: qwen, llama3 or json. Default: the chat template's own.",
+        "choices": ["qwen", "llama3", "json"]})
     enable_thinking: bool = field(default=True, metadata={"help": (
         "Reasoning models (qwen3 templates, tokenizers with a <think> token): False prompts with thinking off. "
         "Reasoning comes back apart from the answer (reasoning_content in the API and in inference rows).")})
@@ -55,10 +58,11 @@ class ChatModel:
     reasoning: bool = False  # replies may open with a <think> block: split it off (medicalgpt.reasoning)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def encode(self, messages: list[dict]) -> list[int]:
-        """Prompt ids of a conversation ending in a user turn, with the assistant generation prompt."""
+    def encode(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+        """Prompt ids of a conversation ending in a user (or tool-result) turn, with the assistant generation
+        prompt; tools: the functions the model may call (OpenAI's schema)."""
         try:
-            return self.template.encode_prompt(self.tokenizer, messages)
+            return self.template.encode_prompt(self.tokenizer, messages, tools)
         except jinja2.TemplateError as error:  # a tokenizer's own template may refuse e.g. a system turn
             raise UsageError(f"the chat template rejects this conversation: {error}") from error
 
@@ -75,7 +79,8 @@ def load_chat_model(model_args: ModelArguments, serve_args: AdapterArguments) ->
     adapter and no base model, the base is the one the adapter records."""
     model_args = with_adapter_base(model_args, serve_args.lora_model)
     tokenizer = load_tokenizer(model_args, serve_args.lora_model)
-    template = with_thinking(resolve_template(tokenizer, serve_args.template_name), serve_args.enable_thinking)
+    template = with_tool_format(resolve_template(tokenizer, serve_args.template_name), serve_args.tool_format)
+    template = with_thinking(template, serve_args.enable_thinking)
     model = load_for_inference(model_args, serve_args.lora_model)
     set_stop_tokens(model, tokenizer, template.stop_words)
     return ChatModel(model, tokenizer, template, reasoning=is_reasoning_model(template, tokenizer))

@@ -16,6 +16,7 @@ from pathlib import Path
 import jinja2
 
 from medicalgpt.errors import DataError, UsageError
+from medicalgpt.tool_calls import ToolFormat, get_tool_format, to_openai_messages
 
 IGNORE_INDEX = -100
 CHAT_TEMPLATE_DIR = Path(__file__).parent / "chat_templates"
@@ -128,6 +129,7 @@ class Template:
     assistant_suffix: str = ""  # untrained text after the end-of-turn token
     function_call: str | None = None  # trained like assistant; None: the assistant format
     observation: str | None = None  # None: the user format
+    tool_format: str = "json"  # how calls and tool results are written (medicalgpt.tool_calls.TOOL_FORMATS)
     tools: str = DEFAULT_TOOLS  # appended to the system text, {content}: one JSON tool per line
     default_system: str | None = None
     merge_system: bool = False  # system text goes into the first user turn (llama2, mistral)
@@ -191,8 +193,16 @@ class Template:
             segments += self._turn(message["role"], content)
         return segments
 
+    @property
+    def tools_format(self) -> ToolFormat:
+        return get_tool_format(self.tool_format)
+
     def _turn(self, role: str, content: str) -> list[tuple[str, bool]]:
         """(text, trained) pieces of one turn."""
+        if role == "function_call":
+            content = self.tools_format.render_calls(content)
+        elif role == "observation":
+            content = self.tools_format.render_results(content)
         if role in USER_SIDE:
             fmt = self.user if role == "user" else self.observation or self.user
             return [(_fill(fmt, content), False)]
@@ -211,6 +221,11 @@ class TokenizerChatTemplate:
     name: str = "tokenizer"
     allow_special_tokens: bool = False  # as in Template
     template_kwargs: dict | None = None  # extra variables of the template at inference, e.g. enable_thinking
+    tool_format: str = "json"  # how generated calls are parsed; resolve_template reads it off the template
+
+    @property
+    def tools_format(self) -> ToolFormat:
+        return get_tool_format(self.tool_format)
 
     def encode(
         self, tokenizer, messages: list[dict], tools: list[dict] | None = None, train_on_inputs: bool = False
@@ -225,7 +240,7 @@ class TokenizerChatTemplate:
                             "make a control token: use a built-in --template_name (it keeps them plain text) or pass "
                             "--allow_special_tokens_in_content")
         out = tokenizer.apply_chat_template(
-            messages, tools=tools, chat_template=self.jinja, tokenize=True, return_dict=True,
+            to_openai_messages(messages), tools=tools, chat_template=self.jinja, tokenize=True, return_dict=True,
             return_assistant_tokens_mask=True,
         )
         ids = list(out["input_ids"])
@@ -235,6 +250,7 @@ class TokenizerChatTemplate:
     def encode_prompt(self, tokenizer, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
         """ids of a conversation ending in a user/observation turn plus the assistant generation prompt."""
         extra = self.template_kwargs or {}
+        messages = to_openai_messages(messages)  # what templates that know tools take
         if self.allow_special_tokens:
             return list(tokenizer.apply_chat_template(
                 messages, tools=tools, chat_template=self.jinja, add_generation_prompt=True, tokenize=True,
@@ -253,10 +269,7 @@ _CHATML = dict(
     assistant_suffix="\n",
     stop_words=("<|im_end|>",),
 )
-_CHATML_NATIVE_TOOLS = dict(
-    function_call="<tool_call>\n{content}\n</tool_call><|im_end|>",
-    observation="<|im_start|>user\n<tool_response>\n{content}\n</tool_response><|im_end|>\n",
-)
+_CHATML_NATIVE_TOOLS = dict(observation="<|im_start|>user\n{content}<|im_end|>\n", tool_format="qwen")
 
 TEMPLATES: dict[str, Template] = {
     t.name: t
@@ -272,7 +285,7 @@ TEMPLATES: dict[str, Template] = {
             user="<|start_header_id|>user<|end_header_id|>\n\n{content}<|eot_id|>",
             assistant_prefix="<|start_header_id|>assistant<|end_header_id|>\n\n", assistant="{content}<|eot_id|>",
             observation="<|start_header_id|>ipython<|end_header_id|>\n\n{content}<|eot_id|>",
-            stop_words=("<|eot_id|>",),
+            stop_words=("<|eot_id|>",), tool_format="llama3",
         ),
         # Llama 2 repeats BOS before every exchange, so it sits in the user format rather than the prefix.
         Template(
@@ -368,15 +381,30 @@ def _render_probes(tokenizer, chat_template: str) -> list[str | None]:
     return rendered
 
 
-def resolve_template(tokenizer, template_name: str | None,
-                     allow_special_tokens: bool = False) -> Template | TokenizerChatTemplate:
+def resolve_template(tokenizer, template_name: str | None, allow_special_tokens: bool = False,
+                     tool_format: str | None = None) -> Template | TokenizerChatTemplate:
     """The named built-in, else the built-in rendering like the tokenizer's template, else that template itself.
 
     allow_special_tokens: special-token strings in message content become control tokens (trusted training data
-    that means them); by default they are plain text.
+    that means them); by default they are plain text. tool_format: how tool calls are written and parsed, where
+    the template does not say (default: the template's own, else plain JSON).
     """
-    template = _resolve_template(tokenizer, template_name)
+    template = with_tool_format(_resolve_template(tokenizer, template_name), tool_format)
     return replace(template, allow_special_tokens=True) if allow_special_tokens else template
+
+
+def with_tool_format(template, tool_format: str | None):
+    """The template writing and parsing tool calls in tool_format (None: in its own format)."""
+    return replace(template, tool_format=get_tool_format(tool_format).name) if tool_format else template
+
+
+def own_tool_format(jinja: str) -> str:
+    """The tool format a chat template writes calls in, judged by its text."""
+    if "<tool_call>" in jinja:
+        return "qwen"
+    if "ipython" in jinja and '"parameters": ' in jinja:
+        return "llama3"
+    return "json"
 
 
 def _resolve_template(tokenizer, template_name: str | None) -> Template | TokenizerChatTemplate:
@@ -396,4 +424,5 @@ def _resolve_template(tokenizer, template_name: str | None) -> Template | Tokeni
             "the tokenizer's chat template has no {% generation %} markers and matches no built-in template; "
             f"pass --template_name one of {', '.join(TEMPLATES)}"
         )
-    return TokenizerChatTemplate(own, stop_words=(tokenizer.eos_token,) if tokenizer.eos_token else ())
+    return TokenizerChatTemplate(own, stop_words=(tokenizer.eos_token,) if tokenizer.eos_token else (),
+                                 tool_format=own_tool_format(own))

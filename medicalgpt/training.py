@@ -303,7 +303,8 @@ def load_chat_inputs(model_args, data_args, training_args, convert) -> tuple:
     """
     records = load_records(data_args, convert, training_args)
     tokenizer = load_tokenizer(model_args)
-    template = resolve_template(tokenizer, data_args.template_name, data_args.allow_special_tokens_in_content)
+    template = resolve_template(tokenizer, data_args.template_name, data_args.allow_special_tokens_in_content,
+                                data_args.tool_format)
     tokenizer.chat_template = template.jinja
     return records, tokenizer, template
 

@@ -98,7 +98,7 @@ def test_fast_pipeline_runs_every_stage_end_to_end(tmp_path):
     out = tmp_path / "run"
     rows = json.loads((out / "results.json").read_text())
     assert [r["name"] for r in rows] == ["base", "pt", "sft", "sft_no_pt", "student", "distill", "student_sft", "rm",
-                                         "ppo", "dpo", "orpo", "grpo", "rag"]
+                                         "ppo", "dpo", "orpo", "grpo", "rag", "tools_before", "tools"]
     metrics = {r["name"]: r["metrics"] for r in rows}
     assert {"perplexity", "mcq_accuracy"} <= set(metrics["pt"]) and "rm_accuracy" in metrics["rm"]
     assert {"reward_start", "reward_end"} <= set(metrics["ppo"]) and "answer_accuracy" in metrics["grpo"]
@@ -107,9 +107,12 @@ def test_fast_pipeline_runs_every_stage_end_to_end(tmp_path):
     assert all({"teacher_kl", "answer_accuracy"} <= set(metrics[name]) for name in students)
     assert metrics["rag"]["rag_recall@3"] == 1.0 and {"answer_accuracy_rag", "answer_accuracy_no_rag"} <= set(
         metrics["rag"])
+    tool_metrics = {"tool_call_accuracy", "tool_choice_accuracy"}
+    assert all(tool_metrics <= set(metrics[name]) for name in ("tools_before", "tools"))
     assert all(not math.isnan(v) for m in metrics.values() for v in m.values())
     for artefact in ("pt/model.safetensors", "sft-merged/model.safetensors", "rm/adapter_model.safetensors",
                      "ppo/adapter_model.safetensors", "dpo-merged/model.safetensors", "orpo/adapter_model.safetensors",
                      "grpo/adapter_model.safetensors", "distill/model.safetensors", "curves.png", "results.md"):
         assert (out / artefact).exists(), artefact
     assert len((out / "answers.jsonl").read_text().splitlines()) == 150
+    assert len((out / "tool_answers.jsonl").read_text().splitlines()) == 40

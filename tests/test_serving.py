@@ -196,7 +196,7 @@ def test_user_text_cannot_forge_a_turn_in_the_api_or_the_demo(chat):
 
 
 @pytest.mark.parametrize("field, value", [
-    ("response_format", {"type": "json_object"}), ("tools", [{"type": "function", "function": {"name": "f"}}]),
+    ("response_format", {"type": "json_object"}), ("prediction", {"type": "content", "content": "x"}),
     ("frequency_penalty", 0.5), ("logit_bias", {"5": 10}), ("best_of", 2), ("top_logprobs", 2),
 ])
 def test_fields_the_server_cannot_honour_are_refused(client, field, value):

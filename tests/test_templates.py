@@ -13,6 +13,7 @@ from medicalgpt.templates import (
     get_template,
     resolve_template,
 )
+from medicalgpt.tool_calls import to_openai_messages
 
 # Control tokens of each family, added as special tokens so segment boundaries fall where they do in real models.
 SPECIAL_TOKENS = {
@@ -60,6 +61,16 @@ CONVERSATIONS = {
         {"role": "observation", "content": '{"temperature": 22}'},
         assistant("It is 22 degrees in Beijing."),
     ], TOOLS),
+    # text before two calls in one turn, and their two results
+    "parallel_tools": ([
+        user("Weather in Beijing and Shanghai?"),
+        {"role": "function_call", "content": json.dumps({"content": "Checking both.", "tool_calls": [
+            {"name": "get_weather", "arguments": {"city": "北京"}},
+            {"name": "get_weather", "arguments": {"city": "上海"}}]}, ensure_ascii=False)},
+        {"role": "observation",
+         "content": json.dumps({"tool_results": ['{"temperature": 22}', '{"temperature": 25}']})},
+        assistant("22 and 25 degrees."),
+    ], TOOLS),
 }
 
 _TOKENIZERS = {}
@@ -76,8 +87,12 @@ def template_tokenizer(tokenizer, name: str):
     return _TOKENIZERS[name]
 
 
-def jinja_encode(tok, messages: list[dict], tools: list[dict] | None) -> tuple[list[int], list[int]]:
-    """input_ids and assistant mask from HF's own jinja rendering."""
+def jinja_encode(tok, messages: list[dict], tools: list[dict] | None,
+                 tool_format: str = "json") -> tuple[list[int], list[int]]:
+    """input_ids and assistant mask from HF's own jinja rendering; templates with a native tool format take tool
+    turns as OpenAI messages (assistant tool_calls, tool results), as the families' own templates do."""
+    if tool_format != "json":
+        messages = to_openai_messages(messages)
     out = tok.apply_chat_template(messages, tools=tools, tokenize=True, return_dict=True,
                                   return_assistant_tokens_mask=True)
     return list(out["input_ids"]), list(out["assistant_masks"])
@@ -101,7 +116,7 @@ def test_encode_matches_jinja(tokenizer, name, conversation):
     tok = template_tokenizer(tokenizer, name)
     messages, tools = CONVERSATIONS[conversation]
     ids, labels = get_template(name).encode(tok, messages, tools)
-    jinja_ids, mask = jinja_encode(tok, messages, tools)
+    jinja_ids, mask = jinja_encode(tok, messages, tools, get_template(name).tool_format)
     assert ids == jinja_ids
     assert [label != IGNORE_INDEX for label in labels] == [bool(m) for m in mask]
 
@@ -121,8 +136,8 @@ def test_trained_spans_are_assistant_turns(tokenizer, name, conversation):
             # (and Qwen3's an empty think block before the final reply)
             assert span[: -len(eot)].removeprefix("<think>\n\n</think>\n\n" * template.think_blocks).strip() == (
                 reply["content"])
-        else:  # a tool call may be wrapped in tool-call tags
-            assert reply["content"] in span
+        else:  # a tool call is written in the template's tool format
+            assert template.tools_format.render_calls(reply["content"]) in span
 
 
 @pytest.mark.parametrize("name", TEMPLATES)
@@ -140,7 +155,9 @@ def test_encode_prompt_matches_generation_prompt(tokenizer, name, conversation):
     tok = template_tokenizer(tokenizer, name)
     messages, tools = CONVERSATIONS[conversation]
     prompt = messages[:-1]  # every conversation ends in an assistant reply
-    expected = tok.apply_chat_template(prompt, tools=tools, add_generation_prompt=True, tokenize=True,
+    native = get_template(name).tool_format != "json"
+    expected = tok.apply_chat_template(to_openai_messages(prompt) if native else prompt, tools=tools,
+                                       add_generation_prompt=True, tokenize=True,
                                        return_dict=True)["input_ids"]
     assert get_template(name).encode_prompt(tok, prompt, tools) == list(expected)
 

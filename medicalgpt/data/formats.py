@@ -7,9 +7,11 @@ and pretraining text becomes {"text": str}. Problems raise DataError naming the 
 prefixes the file and line.
 """
 
+import itertools
 import json
 
 from medicalgpt.errors import DataError
+from medicalgpt.tool_calls import CallTurn, calls_of, normalise_answer, read_call_turn, results_content
 
 SHAREGPT_ROLES = {
     "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system",
@@ -93,17 +95,23 @@ def _sharegpt(record: dict) -> list[dict]:
     for index, turn in enumerate(turns):
         where = f"conversations[{index}]"
         role = _role(turn, where, "from", SHAREGPT_ROLES, messages)
-        messages.append({"role": role, "content": _string(turn.get("value"), f"{where}.value")})
+        value = turn.get("value")
+        if role == "function_call":  # a call as JSON (text or parsed) or in ReAct style
+            messages.append({"role": role, "content": read_call_turn(value, f"{where}.value").content()})
+        else:
+            messages.append({"role": role, "content": _string(value, f"{where}.value")})
     return messages
 
 
 def _openai_content(message: dict, where: str) -> str:
-    """Message text; content given as a list of {"type": "text"} parts is joined; tool calls become JSON."""
+    """Message text; content given as a list of {"type": "text"} parts is joined; an assistant message with
+    tool_calls becomes a normalised call turn (its text kept before the calls)."""
     content = message.get("content")
     if isinstance(content, list):
         content = "".join(part.get("text", "") for part in content if isinstance(part, dict))
-    if message.get("tool_calls") and not content:
-        return json.dumps(message["tool_calls"], ensure_ascii=False)
+    if message.get("tool_calls"):
+        text = _string(content or "", f"{where}.content", allow_empty=True)
+        return CallTurn(calls_of(message["tool_calls"], f"{where}.tool_calls"), text.strip()).content()
     return _string(content, f"{where}.content")
 
 
@@ -118,7 +126,19 @@ def _openai(record: dict) -> list[dict]:
         if role == "assistant" and message.get("tool_calls"):
             role = "function_call"
         messages.append({"role": role, "content": _openai_content(message, where)})
-    return messages
+    return _merge_tool_results(messages)
+
+
+def _merge_tool_results(messages: list[dict]) -> list[dict]:
+    """Consecutive tool messages (the results of several calls, one message each) as one observation turn."""
+    merged = []
+    for role, group in itertools.groupby(messages, key=lambda m: m["role"]):
+        group = list(group)
+        if role == "observation":
+            merged.append({"role": role, "content": results_content([m["content"] for m in group])})
+        else:
+            merged += group
+    return merged
 
 
 def _alpaca(record: dict) -> list[dict]:
@@ -174,7 +194,7 @@ def _response(record: dict, key: str) -> str:
         if len(value) != 1 or not isinstance(value[0], dict) or value[0].get("role") != "assistant":
             raise DataError(f"{key}: expected a string or a list with one assistant message")
         return _openai_content(value[0], f"{key}[0]")
-    return _string(value, key)
+    return normalise_answer(_string(value, key))
 
 
 def _prompt_messages(record: dict) -> tuple[list[dict], str]:

@@ -12,6 +12,7 @@ from datasets import Dataset, DatasetDict, IterableDatasetDict
 
 from medicalgpt.errors import DataError, UsageError
 from medicalgpt.templates import IGNORE_INDEX
+from medicalgpt.tool_calls import is_call
 
 logger = logging.getLogger(__name__)
 Splits = DatasetDict | IterableDatasetDict
@@ -128,8 +129,10 @@ def pack_sft_splits(splits: Splits, max_length: int) -> Splits:
 
 def prompt_and_response(tokenizer, template, messages: list[dict], tools: list | None,
                          response: str) -> tuple[list[int], list[int]]:
-    """Prompt ids and the answer's trained ids (content + end-of-turn token), from the template's own labels."""
-    ids, labels = template.encode(tokenizer, messages + [{"role": "assistant", "content": response}], tools)
+    """Prompt ids and the answer's trained ids (content + end-of-turn token), from the template's own labels; an
+    answer that is a tool call is rendered as one."""
+    role = "function_call" if is_call(response) else "assistant"
+    ids, labels = template.encode(tokenizer, messages + [{"role": role, "content": response}], tools)
     end = max(i for i, label in enumerate(labels) if label != IGNORE_INDEX) + 1
     start = end
     while start > 0 and labels[start - 1] != IGNORE_INDEX:

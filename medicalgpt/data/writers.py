@@ -7,6 +7,7 @@ reads back (through formats.py) to the same normalised record.
 import json
 
 from medicalgpt.errors import DataError
+from medicalgpt.tool_calls import is_call, to_openai_messages
 
 SHAREGPT_FROM = {"user": "human", "assistant": "gpt", "function_call": "function_call", "observation": "observation"}
 STYLES = ("sharegpt", "openai", "alpaca")
@@ -24,26 +25,11 @@ def _extras(system: str | None, tools: str, system_key: str) -> dict:
     return {**extras, "tools": json.loads(tools)} if tools else extras
 
 
-def _tool_calls(content: str) -> list:
-    """An OpenAI tool_calls list from a function-call turn: a JSON list of calls, or one {"name", "arguments"}."""
-    try:
-        calls = json.loads(content)
-    except json.JSONDecodeError:
-        raise DataError("function_call turn: OpenAI messages need the call as JSON") from None
-    if isinstance(calls, dict) and "name" in calls:
-        arguments = calls.get("arguments", {})
-        return [{"type": "function", "function": {
-            "name": calls["name"], "arguments": arguments if isinstance(arguments, str) else json.dumps(arguments)}}]
-    if not isinstance(calls, list):
-        raise DataError("function_call turn: expected a JSON list of tool calls or one {\"name\", \"arguments\"}")
-    return calls
-
-
-def _openai_message(message: dict) -> dict:
-    if message["role"] == "function_call":
-        return {"role": "assistant", "content": "", "tool_calls": _tool_calls(message["content"])}
-    role = "tool" if message["role"] == "observation" else message["role"]
-    return {"role": role, "content": message["content"]}
+def _openai_answer(answer: str) -> list[dict]:
+    """A preference answer as OpenAI's [assistant message], with tool_calls when it is a call."""
+    if is_call(answer):
+        return to_openai_messages([{"role": "function_call", "content": answer}])
+    return [{"role": "assistant", "content": answer}]
 
 
 def _alpaca_pairs(turns: list[dict]) -> list[list[str]]:
@@ -71,7 +57,7 @@ def write_conversation(record: dict, style: str) -> dict:
         conversations = [{"from": SHAREGPT_FROM[m["role"]], "value": m["content"]} for m in turns]
         return {"conversations": conversations, **_extras(system, record["tools"], "system_prompt")}
     if style == "openai":
-        return {"messages": [_openai_message(m) for m in record["messages"]], **_extras(None, record["tools"], "")}
+        return {"messages": to_openai_messages(record["messages"]), **_extras(None, record["tools"], "")}
     prompt = _alpaca_prompt(turns[:-1], system, record["tools"])
     return {**prompt, "output": turns[-1]["content"]}
 
@@ -85,7 +71,7 @@ def write_preference(record: dict, style: str) -> dict:
     elif style == "openai":
         prompt = {"prompt": write_conversation(record, "openai")["messages"]}
         prompt.update(_extras(None, record["tools"], ""))
-        answers = {key: [{"role": "assistant", "content": text}] for key, text in answers.items()}
+        answers = {key: _openai_answer(text) for key, text in answers.items()}
     else:
         prompt = _alpaca_prompt(turns, system, record["tools"])
     return {**prompt, **answers}
