@@ -22,6 +22,9 @@ else
     EVAL=() MODEL_SIZE=default
 fi
 COMMON=(--report_to tensorboard --save_strategy no --logging_steps 5 --disable_tqdm True)
+# TUNED: the stage configs warm up, decay the learning rate and evaluate every few steps; these short runs were tuned
+# without warm-up, with a linear decay, and are evaluated once at the end by evaluate_model.py.
+TUNED=("${COMMON[@]}" --warmup_steps 0 --lr_scheduler_type linear --eval_strategy no)
 HELD_OUT=(--perplexity_files data/pretrain/validation --mcq_file data/eval/mcq_validation.jsonl)
 PAIRS=(--train_file_dir data/preference/train --validation_file_dir data/preference/validation)
 RESULTS=$OUT/results.jsonl
@@ -72,7 +75,7 @@ evaluate --name student_sft --model_name_or_path "$OUT/student_sft" "${STUDENT_E
 
 stage "Reward model on the SFT model, data/preference"
 python reward_modeling.py --model_name_or_path "$OUT/sft-merged" --output_dir "$OUT/rm" "${PAIRS[@]}" \
-    --lora_rank 16 --lora_alpha 32 --learning_rate 2e-3 --per_device_train_batch_size 8 "${COMMON[@]}" "${PREF[@]}"
+    --lora_rank 16 --lora_alpha 32 --learning_rate 2e-3 --per_device_train_batch_size 8 "${TUNED[@]}" "${PREF[@]}"
 evaluate --name rm --model_name_or_path "$OUT/sft-merged" --preference_file data/preference/validation \
     --reward_model "$OUT/rm"
 
@@ -84,13 +87,13 @@ evaluate --name ppo --model_name_or_path "$OUT/sft-merged" --lora_model "$OUT/pp
 
 stage "DPO from the SFT model"
 python dpo_training.py --model_name_or_path "$OUT/sft-merged" --output_dir "$OUT/dpo" "${PAIRS[@]}" --beta 0.5 \
-    --lora_rank 16 --lora_alpha 32 --learning_rate 1e-3 --per_device_train_batch_size 8 "${COMMON[@]}" "${DPO[@]}"
+    --lora_rank 16 --lora_alpha 32 --learning_rate 1e-3 --per_device_train_batch_size 8 "${TUNED[@]}" "${DPO[@]}"
 evaluate --name dpo --model_name_or_path "$OUT/sft-merged" --lora_model "$OUT/dpo" "${HELD_OUT[@]}" \
     --preference_file data/preference/validation --implicit_reward
 
 stage "ORPO from the SFT model"
 python orpo_training.py --model_name_or_path "$OUT/sft-merged" --output_dir "$OUT/orpo" "${PAIRS[@]}" --beta 0.1 \
-    --lora_rank 16 --lora_alpha 32 --learning_rate 1e-3 --per_device_train_batch_size 8 "${COMMON[@]}" "${PREF[@]}"
+    --lora_rank 16 --lora_alpha 32 --learning_rate 1e-3 --per_device_train_batch_size 8 "${TUNED[@]}" "${PREF[@]}"
 evaluate --name orpo --model_name_or_path "$OUT/sft-merged" --lora_model "$OUT/orpo" "${HELD_OUT[@]}" \
     --preference_file data/preference/validation --implicit_reward
 
@@ -98,7 +101,7 @@ stage "GRPO from the SFT model with the medical rewards, data/grpo"
 python grpo_training.py --model_name_or_path "$OUT/sft-merged" --output_dir "$OUT/grpo" \
     --train_file_dir data/grpo/train --reward_funcs answer_accuracy --system_prompt "" \
     --num_generations 8 --temperature 0.3 --max_completion_length 32 --per_device_train_batch_size 32 \
-    --learning_rate 5e-4 --lora_rank 16 --lora_alpha 32 "${COMMON[@]}" "${GRPO[@]}"
+    --learning_rate 5e-4 --lora_rank 16 --lora_alpha 32 "${TUNED[@]}" "${GRPO[@]}"
 evaluate --name grpo --model_name_or_path "$OUT/sft-merged" --lora_model "$OUT/grpo" \
     --answer_file data/grpo/validation
 
