@@ -26,6 +26,7 @@ from medicalgpt.errors import UsageError, run_cli
 from medicalgpt.rag.grounding import format_sources, grounded_messages
 from medicalgpt.rag.index import Hit, RagArguments, RagIndex, build_index
 from medicalgpt.rag.loaders import DOCUMENT_SUFFIXES
+from medicalgpt.reasoning import ReasoningSplitter
 from medicalgpt.serving import (
     LOOPBACK,
     BaseModelArguments,
@@ -73,8 +74,10 @@ def read_auth(auth_file: str | None) -> list[tuple[str, str]] | None:
 def normalise_history(history: list[dict]) -> list[dict]:
     """Gradio history as the chat templates take it: role and plain-text content (the browser sends content as
     a list of {"type": "text", "text": ...} parts, gradio_client as a string). A failed reply loses the note that
-    ended it: the note is for the reader, not the model."""
-    messages = [{"role": m["role"], "content": message_text(m["content"])} for m in history]
+    ended it: the note is for the reader, not the model; a reasoning model's thoughts are dropped, as its own
+    template drops earlier reasoning."""
+    messages = [{"role": m["role"], "content": message_text(m["content"])} for m in history
+                if not (m.get("metadata") or {}).get("title")]  # a shown thought: reasoning is not sent back
     return [{**m, "content": m["content"].partition(ERROR_NOTE)[0].partition(SOURCES_NOTE)[0]}
             if m["role"] == "assistant" else m for m in messages]
 
@@ -90,6 +93,35 @@ def conversation(message: str, history: list[dict], system_prompt: str) -> list[
         if problem := invalid_unicode(text):
             raise UsageError(f"The {where} has {problem}")
     return messages
+
+
+class ShownReply:
+    """A reply as the chatbot shows it while it streams: a reasoning model's think block goes into a collapsible
+    thought above the answer (Gradio's ChatMessage with a metadata title), as reasoning_content does in the API."""
+
+    def __init__(self, reasoning: bool):
+        self.splitter = ReasoningSplitter() if reasoning else None
+        self.thought, self.answer = "", ""
+
+    def feed(self, piece: str) -> None:
+        self._add(self.splitter.feed(piece) if self.splitter else [("content", piece)])
+
+    def finish(self) -> None:
+        self._add(self.splitter.flush() if self.splitter else [])
+
+    def _add(self, parts: list[tuple[str, str]]) -> None:
+        for kind, text in parts:
+            if kind == "content":
+                self.answer += text
+            else:
+                self.thought += text
+
+    def view(self, note: str = "", done: bool = False) -> str | list:
+        answer = (self.answer + note).lstrip() if note else self.answer
+        if not (self.splitter and self.splitter.saw_block):
+            return answer
+        thought = gr.ChatMessage(self.thought, metadata={"title": "Reasoning", "status": "done" if done else "pending"})
+        return [thought, answer] if answer else [thought]
 
 
 class Documents:
@@ -110,14 +142,15 @@ class Documents:
         return (index.search(question, self.args.rag_top_k, self.args.retrieval) if index else []), notes
 
 
-def responder(chat: ChatModel, documents: Documents | None = None) -> Callable[..., Iterator[str]]:
-    """ChatInterface's fn: yields the reply so far after every generated piece, then the sources it was grounded in.
+def responder(chat: ChatModel, documents: Documents | None = None) -> Callable[..., Iterator[str | list]]:
+    """ChatInterface's fn: yields the reply so far after every generated piece (ShownReply.view), then with the
+    sources it was grounded in.
     It never raises: an error ends the reply with a note saying what went wrong, and the chat stays usable (Gradio
     would leave the textbox disabled)."""
 
     def respond(message: str, history: list[dict], system_prompt: str, temperature: float, top_p: float,
-                max_new_tokens: int, files: list[str] | None = None) -> Iterator[str]:
-        reply = ""
+                max_new_tokens: int, files: list[str] | None = None) -> Iterator[str | list]:
+        reply = ShownReply(chat.reasoning)
         try:
             messages = conversation(message, history, system_prompt)
             hits, notes = documents.search(message, files) if documents else ([], [])
@@ -126,16 +159,17 @@ def responder(chat: ChatModel, documents: Documents | None = None) -> Callable[.
             budget = completion_budget(len(prompt), None, int(max_new_tokens), context_length(chat.model))
             # Sliders send whole numbers as int (temperature 2), which generate() refuses: coerce.
             for piece in chat.stream(prompt, budget, temperature=float(temperature), top_p=float(top_p)):
-                reply += piece
-                yield reply
-            if hits or notes:
-                listed = format_sources(hits).replace("\n", "  \n")  # one line each in Markdown
-                yield reply + SOURCES_NOTE + "  \n".join([listed, *(f"⚠️ {note}" for note in notes)]).strip()
+                reply.feed(piece)
+                yield reply.view()
+            reply.finish()
+            listed = format_sources(hits).replace("\n", "  \n")  # one line each in Markdown
+            sources = "  \n".join([listed, *(f"⚠️ {note}" for note in notes)]).strip()
+            yield reply.view(SOURCES_NOTE + sources if hits or notes else "", done=True)
         except UsageError as error:
-            yield (reply + ERROR_NOTE + str(error)).lstrip()
+            yield reply.view(ERROR_NOTE + str(error), done=True)
         except Exception as error:
             logger.exception("generation failed")
-            yield (reply + ERROR_NOTE + f"Generation failed: {type(error).__name__}: {error}").lstrip()
+            yield reply.view(ERROR_NOTE + f"Generation failed: {type(error).__name__}: {error}", done=True)
 
     return respond
 

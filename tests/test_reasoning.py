@@ -85,3 +85,20 @@ def test_api_returns_reasoning_content_apart_from_content(tiny_model_dir, tokeni
     deltas = [json.loads(e[6:])["choices"][0]["delta"] for e in events if e.startswith("data: {")]
     assert "".join(d.get("reasoning_content", "") for d in deltas) == THOUGHT
     assert "".join(d.get("content", "") for d in deltas) == ANSWER
+
+
+def test_demo_shows_the_reasoning_as_a_thought_above_the_answer_and_does_not_send_it_back(tiny_model_dir):
+    import gradio_demo
+
+    chat = load_chat_model(BaseModelArguments(model_name_or_path=tiny_model_dir), ServeArguments(template_name="qwen3"))
+    scripted = ScriptedChat(chat.model, chat.tokenizer, chat.template, reasoning=True)
+    views = list(gradio_demo.responder(scripted)("头痛怎么办？", [], "", 0.0, 1.0, 16))
+    thinking = views[2]  # a few pieces in: only the thought, still open
+    assert len(thinking) == 1 and thinking[0].metadata == {"title": "Reasoning", "status": "pending"}
+    thought, answer = views[-1]
+    assert (thought.content, thought.metadata["status"], answer) == (THOUGHT, "done", ANSWER)
+    shown = [{"role": "user", "content": "头痛怎么办？"},
+             {"role": "assistant", "content": THOUGHT, "metadata": thought.metadata},
+             {"role": "assistant", "content": ANSWER, "metadata": None}]
+    assert gradio_demo.normalise_history(shown) == [{"role": "user", "content": "头痛怎么办？"},
+                                                    {"role": "assistant", "content": ANSWER}]
