@@ -1,5 +1,6 @@
 """What every training stage does around its trainer: set-up, resume, train, evaluate, save, plot."""
 
+import contextlib
 import json
 import logging
 import math
@@ -286,7 +287,9 @@ STAGE_DEFAULTS = {
 def load_records(data_args, convert, training_args) -> DatasetDict:
     """The stage's normalised splits. Without a validation split, a configured --eval_strategy is turned off (with a
     warning) instead of stopping the trainer: the stage configs evaluate every few steps whenever they can."""
-    with training_args.main_process_first(desc="reading the data"):  # the others read the cache it writes
+    # The main process reads first and the others read the cache it writes; PPO's own arguments have no such switch.
+    first = getattr(training_args, "main_process_first", None)
+    with first(desc="reading the data") if first else contextlib.nullcontext():
         records = load_splits(data_args, convert, training_args.seed)
     if "validation" not in records and getattr(training_args, "eval_strategy", "no") != "no":
         logger.warning("No validation data: --eval_strategy %s is off",
