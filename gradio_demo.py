@@ -129,7 +129,7 @@ def responder(chat: ChatModel, documents: Documents | None = None) -> Callable[.
                 reply += piece
                 yield reply
             if hits or notes:
-                listed = format_sources(hits).replace("\n", "  \n")  # one line each in Markdown
+                listed = format_sources(hits, reply).replace("\n", "  \n")  # one line each in Markdown
                 yield reply + SOURCES_NOTE + "  \n".join([listed, *(f"⚠️ {note}" for note in notes)]).strip()
         except UsageError as error:
             yield (reply + ERROR_NOTE + str(error)).lstrip()
