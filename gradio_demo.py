@@ -162,7 +162,7 @@ def responder(chat: ChatModel, documents: Documents | None = None) -> Callable[.
                 reply.feed(piece)
                 yield reply.view()
             reply.finish()
-            listed = format_sources(hits).replace("\n", "  \n")  # one line each in Markdown
+            listed = format_sources(hits, reply.answer).replace("\n", "  \n")  # one line each in Markdown
             sources = "  \n".join([listed, *(f"⚠️ {note}" for note in notes)]).strip()
             yield reply.view(SOURCES_NOTE + sources if hits or notes else "", done=True)
         except UsageError as error:

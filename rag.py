@@ -75,8 +75,9 @@ def ask(argv: list[str]) -> None:
     hits = RagIndex(args.rag_index, args.reranker_model).search(question, args.rag_top_k, args.retrieval)
     chat = load_chat_model(model_args, adapter_args)
     prompt = chat.encode(grounded_messages([{"role": "user", "content": question}], hits))
-    print(generate(chat.model, chat.tokenizer, [prompt], **asdict(gen_args))[0])
-    print(f"\nSources:\n{format_sources(hits)}" if hits else "\n(No passage matched: answered without sources.)")
+    answer = generate(chat.model, chat.tokenizer, [prompt], **asdict(gen_args))[0]
+    print(answer)
+    print(f"\nSources:\n{format_sources(hits, answer)}" if hits else "\n(No passage matched the question: no sources.)")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -19,7 +19,7 @@ import rag
 from medicalgpt.args import ModelArguments
 from medicalgpt.errors import UsageError
 from medicalgpt.rag.chunking import chunk_passages, count_tokens, split_sentences
-from medicalgpt.rag.grounding import cited, grounded_messages, sources
+from medicalgpt.rag.grounding import cited, format_sources, grounded_messages, sources
 from medicalgpt.rag.index import RagArguments, RagIndex, build_index
 from medicalgpt.rag.loaders import Passage
 from medicalgpt.rag.retrieval import reciprocal_rank_fusion
@@ -227,6 +227,7 @@ def test_grounded_prompt_numbers_the_sources_that_citations_point_to(docs, tmp_p
     listed = sources(hits)
     assert [s["id"] for s in listed] == [1, 2] and listed[0]["file"] == "gout.txt"
     assert cited("每6周复诊[1]，见[2]与[1]；[7]不存在。", len(listed)) == [1, 2]
+    assert format_sources(hits, "6周[2]").splitlines() == [f"[1] {hits[0].location}", f"[2] {hits[1].location} (cited)"]
 
 
 def test_cli_indexes_queries_and_answers_with_sources(docs, tmp_path, tiny_model_dir, capsys):

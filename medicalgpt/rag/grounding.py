@@ -45,6 +45,8 @@ def uncited(answer: str) -> str:
     return CITATION.sub("", answer).strip()
 
 
-def format_sources(hits: list[Hit]) -> str:
-    """The source list printed under an answer: one `[n] file, page/line` per chunk."""
-    return "\n".join(f"[{n}] {hit.location}" for n, hit in enumerate(hits, start=1))
+def format_sources(hits: list[Hit], answer: str = "") -> str:
+    """The source list printed under an answer: one `[n] file, page/line` per chunk, "(cited)" after those the
+    answer cites."""
+    cites = cited(answer, len(hits))
+    return "\n".join(f"[{n}] {hit.location}" + (" (cited)" if n in cites else "") for n, hit in enumerate(hits, 1))
