@@ -117,7 +117,14 @@ class ShownReply:
                 self.thought += text
 
     def view(self, note: str = "", done: bool = False) -> str | list:
-        answer = (self.answer + note).lstrip() if note else self.answer
+        """What the chatbot shows: the answer so far with a note after it, under the thought if there is one."""
+        return self._shown(self.answer + note, done)
+
+    def failed(self, message: str) -> str | list:
+        """The reply so far ending with a note saying what went wrong (the note alone when nothing was said)."""
+        return self._shown((self.answer + ERROR_NOTE + message).lstrip(), done=True)
+
+    def _shown(self, answer: str, done: bool) -> str | list:
         if not (self.splitter and self.splitter.saw_block):
             return answer
         thought = gr.ChatMessage(self.thought, metadata={"title": "Reasoning", "status": "done" if done else "pending"})
@@ -166,10 +173,10 @@ def responder(chat: ChatModel, documents: Documents | None = None) -> Callable[.
             sources = "  \n".join([listed, *(f"⚠️ {note}" for note in notes)]).strip()
             yield reply.view(SOURCES_NOTE + sources if hits or notes else "", done=True)
         except UsageError as error:
-            yield reply.view(ERROR_NOTE + str(error), done=True)
+            yield reply.failed(str(error))
         except Exception as error:
             logger.exception("generation failed")
-            yield reply.view(ERROR_NOTE + f"Generation failed: {type(error).__name__}: {error}", done=True)
+            yield reply.failed(f"Generation failed: {type(error).__name__}: {error}")
 
     return respond
 
