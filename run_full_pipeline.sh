@@ -2,8 +2,9 @@
 # The main job (`make demo`): every stage on the embedded default model, offline, on CPU, with a table of
 # held-out metrics before and after each stage.
 #   base model -> PT -> SFT -> reward model -> PPO,   and from the SFT model: DPO, ORPO, GRPO;
-#   plus an SFT run without PT (what PT is worth), distillation of the SFT model into a tiny student (against
-#   plain SFT of the same student), merged models and sample answers through inference.py.
+#   plus an SFT run without PT (what PT is worth), distillation of the SFT model into a student made of two of its
+#   layers (against plain SFT of the same student), merged models and sample answers through inference.py.
+#   RAG: the SFT model answers from data/rag's documents, without and with retrieval (docs/rag.md).
 #   Tool use: SFT of the SFT model on data/tools, with tool-call accuracy before and after (docs/tool-calling.md).
 # Writes $OUT/results.{json,md} (the table), $OUT/curves.png (every stage's curves) and each stage's outputs.
 # FAST=1 runs a few steps of everything (the test suite's end-to-end check).
@@ -15,11 +16,11 @@ export OMP_NUM_THREADS=${PIPELINE_THREADS:-2} HF_HUB_OFFLINE=1 TRL_EXPERIMENTAL_
 if [ "${FAST:-0}" = 1 ]; then   # a smoke run: a few steps of every stage
     PT=(--max_steps 4) SFT=(--max_steps 4) PREF=(--max_steps 2) DPO=(--max_steps 2) RL=(--max_steps 2)
     GRPO=(--max_steps 2) DISTILL=(--max_steps 2) STUDENT_SFT=(--max_steps 2)
-    EVAL=(--max_new_tokens 8) MODEL_SIZE=tiny
+    EVAL=(--max_new_tokens 8) MODEL_SIZE=tiny STUDENT_LAYERS=0   # the tiny model has 2 layers
 else
     PT=(--num_train_epochs 30) SFT=(--num_train_epochs 4) PREF=(--num_train_epochs 2) DPO=(--num_train_epochs 3)
-    RL=(--max_steps 40) GRPO=(--max_steps 60) DISTILL=(--max_steps 150) STUDENT_SFT=(--num_train_epochs 1)
-    EVAL=() MODEL_SIZE=default
+    RL=(--max_steps 40) GRPO=(--max_steps 60) DISTILL=(--max_steps 120) STUDENT_SFT=(--num_train_epochs 1)
+    EVAL=() MODEL_SIZE=default STUDENT_LAYERS=0,3   # the first and last of 4
 fi
 COMMON=(--report_to tensorboard --save_strategy no --logging_steps 5 --disable_tqdm True)
 # TUNED: the stage configs warm up, decay the learning rate and evaluate every few steps; these short runs were tuned
@@ -60,17 +61,17 @@ stage "SFT without PT (the same recipe on the untrained model: what PT is worth)
 sft sft_no_pt "$OUT/base"
 evaluate --name sft_no_pt --model_name_or_path "$OUT/sft_no_pt-merged" "${HELD_OUT[@]}"
 
-stage "Distillation: a tiny student (0.3M parameters) learns the SFT model's distributions on its own answers"
-python -m medicalgpt.default_model --output_dir "$OUT/student" --size tiny
+stage "Distillation: a student of the SFT model's layers $STUDENT_LAYERS learns its distributions on its own answers"
+python -m medicalgpt.student --teacher_model "$OUT/sft-merged" --keep_layers "$STUDENT_LAYERS" --output_dir "$OUT/student"
 STUDENT_EVAL=(--teacher_model "$OUT/sft-merged" --answer_file data/grpo/validation "${HELD_OUT[@]}")
 evaluate --name student --model_name_or_path "$OUT/student" "${STUDENT_EVAL[@]}"
 python distillation_training.py --model_name_or_path "$OUT/student" --teacher_model_name_or_path "$OUT/sft-merged" \
-    --output_dir "$OUT/distill" --train_file_dir data/sft/train --use_peft False --learning_rate 5e-3 \
-    --per_device_train_batch_size 8 --max_completion_length 32 "${COMMON[@]}" "${DISTILL[@]}"
+    --output_dir "$OUT/distill" --train_file_dir data/sft/train --use_peft False --learning_rate 5e-4 --beta 0 \
+    --per_device_train_batch_size 8 --max_completion_length 32 "${TUNED[@]}" "${DISTILL[@]}"
 evaluate --name distill --model_name_or_path "$OUT/distill" "${STUDENT_EVAL[@]}"
 python supervised_finetuning.py --model_name_or_path "$OUT/student" --output_dir "$OUT/student_sft" \
-    --train_file_dir data/sft/train --use_peft False --learning_rate 5e-3 --per_device_train_batch_size 8 \
-    --packing True "${COMMON[@]}" "${STUDENT_SFT[@]}"
+    --train_file_dir data/sft/train --use_peft False --learning_rate 3e-4 --per_device_train_batch_size 8 \
+    --packing True "${TUNED[@]}" "${STUDENT_SFT[@]}"
 evaluate --name student_sft --model_name_or_path "$OUT/student_sft" "${STUDENT_EVAL[@]}"
 
 stage "Reward model on the SFT model, data/preference"
