@@ -288,8 +288,7 @@ def load_chat_inputs(model_args, data_args, training_args, convert) -> tuple:
     The records are read and validated first, so bad data fails before any model is loaded; the template is
     set on the tokenizer, so the saved tokenizer renders prompts exactly as training did.
     """
-    with training_args.main_process_first(desc="reading the data"):  # the others read the cache it writes
-        records = load_splits(data_args, convert, training_args.seed)
+    records = load_splits(data_args, convert, training_args.seed)
     tokenizer = load_tokenizer(model_args)
     template = resolve_template(tokenizer, data_args.template_name, data_args.allow_special_tokens_in_content)
     tokenizer.chat_template = template.jinja
