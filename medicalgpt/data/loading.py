@@ -75,19 +75,25 @@ def convert_records(located: Iterable[tuple[str, object]], convert: Converter, r
     return [record for _, _, record in iter_converted(located, convert, report, skip_bad_records, skip_flag)]
 
 
-def _generate(sources: list, convert: Converter, report: LoadReport, skip_bad_records: bool) -> Iterator[dict]:
+def _generate(sources: list, convert: Converter, report: LoadReport, skip_bad_records: bool,
+              streaming: bool) -> Iterator[dict]:
     """Converted records of each source: a local file, or (name, split, rows) of a hub dataset.
 
     datasets calls this once per source (a list in gen_kwargs is a list of shards) and writes what it yields to Arrow
-    in batches, so memory holds a batch of records, not the dataset.
+    in batches, so memory holds a batch of records, not the dataset. A stream has no end to report skips at: they
+    are logged after each source.
     """
     for source in sources:
         if isinstance(source, Path):
-            located = iter_records(source)
+            located, where = iter_records(source), source
         else:
             name, split, rows = source
-            located = ((f"{name}[{split} row {i}]", row) for i, row in enumerate(rows))
+            located, where = ((f"{name}[{split} row {i}]", row) for i, row in enumerate(rows)), f"{name}[{split}]"
+        skipped = report.skipped
         yield from (record for _, _, record in iter_converted(located, convert, report, skip_bad_records))
+        if streaming and report.skipped > skipped:
+            logger.warning("Skipped %d bad records of %s (--skip_bad_records); %d so far, the first ones:\n  %s",
+                           report.skipped - skipped, where, report.skipped, "\n  ".join(report.problems))
     report.generated = True
 
 
@@ -126,7 +132,8 @@ def read_records(sources: list, convert: Converter, report: LoadReport, skip_bad
     """
     if not sources:
         return None
-    gen_kwargs = dict(sources=sources, convert=convert, report=report, skip_bad_records=skip_bad_records)
+    gen_kwargs = dict(sources=sources, convert=convert, report=report, skip_bad_records=skip_bad_records,
+                      streaming=streaming)
     if streaming:
         return IterableDataset.from_generator(_generate, gen_kwargs=gen_kwargs)
     try:
@@ -141,8 +148,10 @@ def read_records(sources: list, convert: Converter, report: LoadReport, skip_bad
     if report.generated:
         report.deidentified = dict(getattr(convert, "counts", {}))
         _report_file(dataset).write_text(json.dumps(asdict(report)))
-    else:
-        for key, value in json.loads(_report_file(dataset).read_text()).items():
+    else:  # a run killed between writing the records and their report leaves counts it cannot know
+        recorded = _report_file(dataset)
+        cached = json.loads(recorded.read_text()) if recorded.exists() else {"read": len(dataset)}
+        for key, value in cached.items():
             setattr(report, key, value)
         logger.info("Reusing the records read before from the same files (cache: %s)",
                     Path(dataset.cache_files[0]["filename"]).parent)
@@ -230,6 +239,6 @@ def load_splits(data_args, convert: Converter, seed: int = 42) -> DatasetDict | 
         if validation is None:
             train, validation = split_validation(train, data_args.validation_split_percentage, seed)
     splits = {"train": _first(train, data_args.max_train_samples),
-              "validation": validation and _first(validation, data_args.max_eval_samples)}
+              "validation": None if validation is None else _first(validation, data_args.max_eval_samples)}
     kept = {name: split for name, split in splits.items() if split is not None}
     return IterableDatasetDict(kept) if streaming else DatasetDict(kept)
