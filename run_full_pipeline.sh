@@ -114,9 +114,9 @@ stage "Tool use: full SFT of the SFT model on data/tools (three medical tools), 
 TOOL_EVAL=(--tool_file data/tools/validation --max_new_tokens "$([ "${FAST:-0}" = 1 ] && echo 8 || echo 96)")
 evaluate --name tools_before --model_name_or_path "$OUT/sft-merged" "${TOOL_EVAL[@]}"
 python supervised_finetuning.py --model_name_or_path "$OUT/sft-merged" --output_dir "$OUT/tools" --use_peft False \
-    --train_file_dir data/tools/train --max_length 768 --packing True --learning_rate 5e-3 --warmup_steps 5 \
+    --train_file_dir data/tools/train --max_length 768 --packing True --learning_rate 2e-3 --warmup_steps 5 \
     --lr_scheduler_type cosine --per_device_train_batch_size 8 "${COMMON[@]}" \
-    --max_steps "$([ "${FAST:-0}" = 1 ] && echo 2 || echo 40)"
+    --max_steps "$([ "${FAST:-0}" = 1 ] && echo 2 || echo 80)"
 evaluate --name tools --model_name_or_path "$OUT/tools" "${TOOL_EVAL[@]}"
 python inference.py --base_model "$OUT/tools" --data_file data/tools/questions.jsonl \
     --output_file "$OUT/tool_answers.jsonl" --temperature 0 --max_new_tokens 96
