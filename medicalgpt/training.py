@@ -16,7 +16,7 @@ from typing import NoReturn
 
 import torch
 import transformers
-from datasets import DatasetDict
+from datasets import DatasetDict, IterableDatasetDict
 from transformers import Trainer, TrainerCallback, set_seed
 from transformers.trainer_utils import IntervalStrategy, sort_checkpoints
 
@@ -284,7 +284,7 @@ STAGE_DEFAULTS = {
 }
 
 
-def load_records(data_args, convert, training_args) -> DatasetDict:
+def load_records(data_args, convert, training_args) -> DatasetDict | IterableDatasetDict:
     """The stage's normalised splits. Without a validation split, a configured --eval_strategy is turned off (with a
     warning) instead of stopping the trainer: the stage configs evaluate every few steps whenever they can."""
     # The main process reads first and the others read the cache it writes; PPO's own arguments have no such switch.
