@@ -15,11 +15,12 @@ OUT=${OUT:-outputs-pipeline}
 export OMP_NUM_THREADS=${PIPELINE_THREADS:-2} HF_HUB_OFFLINE=1 TRL_EXPERIMENTAL_SILENCE=1
 if [ "${FAST:-0}" = 1 ]; then   # a smoke run: a few steps of every stage
     PT=(--max_steps 4) SFT=(--max_steps 4) PREF=(--max_steps 2) DPO=(--max_steps 2) RL=(--max_steps 2)
-    GRPO=(--max_steps 2) DISTILL=(--max_steps 2) STUDENT_SFT=(--max_steps 2)
+    GRPO=(--max_steps 2) DISTILL=(--max_steps 2) STUDENT_SFT=(--max_steps 2) TOOLS=(--max_steps 2) TOOL_TOKENS=8
     EVAL=(--max_new_tokens 8) MODEL_SIZE=tiny STUDENT_LAYERS=0   # the tiny model has 2 layers
 else
     PT=(--num_train_epochs 30) SFT=(--num_train_epochs 4) PREF=(--num_train_epochs 2) DPO=(--num_train_epochs 3)
     RL=(--max_steps 40) GRPO=(--max_steps 60) DISTILL=(--max_steps 120) STUDENT_SFT=(--num_train_epochs 1)
+    TOOLS=(--max_steps 80) TOOL_TOKENS=96
     EVAL=() MODEL_SIZE=default STUDENT_LAYERS=0,3   # the first and last of 4
 fi
 COMMON=(--report_to tensorboard --save_strategy no --logging_steps 5 --disable_tqdm True)
@@ -62,7 +63,8 @@ sft sft_no_pt "$OUT/base"
 evaluate --name sft_no_pt --model_name_or_path "$OUT/sft_no_pt-merged" "${HELD_OUT[@]}"
 
 stage "Distillation: a student of the SFT model's layers $STUDENT_LAYERS learns its distributions on its own answers"
-python -m medicalgpt.student --teacher_model "$OUT/sft-merged" --keep_layers "$STUDENT_LAYERS" --output_dir "$OUT/student"
+python -m medicalgpt.student --teacher_model "$OUT/sft-merged" --keep_layers "$STUDENT_LAYERS" \
+    --output_dir "$OUT/student"
 STUDENT_EVAL=(--teacher_model "$OUT/sft-merged" --answer_file data/grpo/validation "${HELD_OUT[@]}")
 evaluate --name student --model_name_or_path "$OUT/student" "${STUDENT_EVAL[@]}"
 python distillation_training.py --model_name_or_path "$OUT/student" --teacher_model_name_or_path "$OUT/sft-merged" \
@@ -111,12 +113,11 @@ python rag.py index data/rag/docs --index_dir "$OUT/rag-index"
 evaluate --name rag --model_name_or_path "$OUT/sft-merged" --rag_index "$OUT/rag-index"
 
 stage "Tool use: full SFT of the SFT model on data/tools (three medical tools), tool-call accuracy before and after"
-TOOL_EVAL=(--tool_file data/tools/validation --max_new_tokens "$([ "${FAST:-0}" = 1 ] && echo 8 || echo 96)")
+TOOL_EVAL=(--tool_file data/tools/validation --max_new_tokens "$TOOL_TOKENS")
 evaluate --name tools_before --model_name_or_path "$OUT/sft-merged" "${TOOL_EVAL[@]}"
 python supervised_finetuning.py --model_name_or_path "$OUT/sft-merged" --output_dir "$OUT/tools" --use_peft False \
     --train_file_dir data/tools/train --max_length 768 --packing True --learning_rate 2e-3 --warmup_steps 5 \
-    --lr_scheduler_type cosine --per_device_train_batch_size 8 "${COMMON[@]}" \
-    --max_steps "$([ "${FAST:-0}" = 1 ] && echo 2 || echo 80)"
+    --lr_scheduler_type cosine --per_device_train_batch_size 8 "${COMMON[@]}" "${TOOLS[@]}"
 evaluate --name tools --model_name_or_path "$OUT/tools" "${TOOL_EVAL[@]}"
 python inference.py --base_model "$OUT/tools" --data_file data/tools/questions.jsonl \
     --output_file "$OUT/tool_answers.jsonl" --temperature 0 --max_new_tokens 96
