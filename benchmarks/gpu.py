@@ -1,5 +1,6 @@
-"""GPU suite: SFT peak CUDA memory and tokens/s for LoRA (bf16) and QLoRA (4-bit nf4) on randomly initialised
-models with the shapes of real Qwen2.5 checkpoints (configs written out here: nothing is downloaded).
+"""GPU suite: SFT peak CUDA memory and tokens/s for LoRA (bf16), QLoRA (4-bit nf4) and full fine-tuning (bf16, with
+its model FLOPs utilisation) on randomly initialised models with the shapes of real Qwen2.5 checkpoints (configs
+written out here: nothing is downloaded).
 
 Each model is saved once in bf16 with the default model's tokenizer (its ids are valid in the bigger vocabularies:
 only shapes matter for memory and speed) and trained by the same runner as the CPU suite: the real
@@ -8,6 +9,8 @@ no gradient checkpointing.
 """
 
 import tempfile
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -26,7 +29,7 @@ CONFIGS = {
     "Qwen2.5-7B": dict(_QWEN2_5, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
                        num_attention_heads=28, num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False),
 }
-METHODS = {"lora_bf16": [], "qlora_4bit": ["--load_in_4bit", "True"]}
+METHODS = {"lora_bf16": [], "qlora_4bit": ["--load_in_4bit", "True"], "full_bf16": ["--use_peft", "False"]}
 
 
 def write_random_model(config: dict, output_dir: Path) -> str:
@@ -40,25 +43,58 @@ def write_random_model(config: dict, output_dir: Path) -> str:
     return str(output_dir)
 
 
-def run_gpu_suite(quick: bool) -> list[dict]:
-    """One row per (model shape, method): peak CUDA memory (GiB) and total tokens/s."""
+def matmul_peak_flops(n: int = 8192, repeats: int = 10) -> float:
+    """bf16 FLOP/s of the fastest of `repeats` n×n matrix products on the GPU: the MFU denominator."""
+    a, b = (torch.randn(n, n, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    a @ b  # warm-up: cuBLAS picks its kernel
+    best = float("inf")
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        a @ b
+        torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best
+
+
+def run_gpu_suite(quick: bool, save: Callable[[list[dict]], None] = lambda rows: None) -> list[dict]:
+    """One row per (model shape, method): peak CUDA memory (GiB), tokens/s and, for full fine-tuning, MFU
+    (6·N FLOPs per real token over the measured bf16 matmul peak). A failed run (out of memory, say) is a row
+    with its error, and `save` gets the rows after each run, so a long suite keeps what it measured."""
+    peak = matmul_peak_flops()
     rows = []
     names = ["Qwen2.5-0.5B"] if quick else list(CONFIGS)
     for name in names:
         with tempfile.TemporaryDirectory(dir=REPO / "models") as tmp:
             model = write_random_model(CONFIGS[name], Path(tmp) / "model")
             for method, flags in METHODS.items():
-                run = run_stage("supervised_finetuning", [
-                    "--model_name_or_path", model, "--train_file_dir", str(REPO / "data/sft/train"),
-                    "--max_length", "512", "--packing", "True", "--per_device_train_batch_size", "4",
-                    "--max_steps", "3" if quick else "8", *flags], Path(tmp) / method)
-                rows.append({"model": name, "method": method, "peak_gib": run["peak_mb"] / 1024,
-                             "tokens_per_s": run["tokens_per_s"], "useful_tokens_per_s": run["useful_tokens_per_s"],
-                             "parameters": run["parameters"], "device": torch.cuda.get_device_name()})
+                row = {"model": name, "method": method, "device": torch.cuda.get_device_name(),
+                       "matmul_peak_tflops": peak / 1e12}
+                try:
+                    run = run_stage("supervised_finetuning", [
+                        "--model_name_or_path", model, "--train_file_dir", str(REPO / "data/sft/train"),
+                        "--max_length", "512", "--packing", "True", "--per_device_train_batch_size", "4",
+                        "--max_steps", "3" if quick else "8", *flags], Path(tmp) / method)
+                except RuntimeError as error:
+                    rows.append({**row, "error": str(error)[-1500:]})
+                else:
+                    real_tokens_per_s = run["real_tokens"] / run["seconds"]
+                    rows.append({**row, "peak_gib": run["peak_mb"] / 1024, "tokens_per_s": run["tokens_per_s"],
+                                 "useful_tokens_per_s": run["useful_tokens_per_s"], "parameters": run["parameters"],
+                                 "step_seconds": run["seconds"] / run["steps"],
+                                 "mfu": 6 * run["parameters"] * real_tokens_per_s / peak
+                                 if method.startswith("full") else None})
+                save(rows)
     return rows
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| model | method | peak CUDA memory (GiB) | tokens/s |", "|---|---|---|---|"]
-    lines += [f"| {r['model']} | {r['method']} | {r['peak_gib']:.1f} | {r['tokens_per_s']:.0f} |" for r in rows]
+    lines = ["| model | method | peak CUDA memory (GiB) | tokens/s | step (s) | MFU |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['model']} | {r['method']} | failed: {r['error'].splitlines()[-1][:80]} | | | |")
+            continue
+        mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else ""
+        lines.append(f"| {r['model']} | {r['method']} | {r['peak_gib']:.1f} | {r['tokens_per_s']:.0f} | "
+                     f"{r['step_seconds']:.2f} | {mfu} |")
     return "\n".join(lines)

@@ -189,8 +189,11 @@ def main(argv: list[str] | None = None) -> dict:
     if args.suite == "gpu":
         from benchmarks import gpu
 
-        result["rows"] = gpu.run_gpu_suite(args.quick)
-        save()
+        def save_rows(rows: list[dict]) -> None:
+            result["rows"] = rows
+            save()
+
+        gpu.run_gpu_suite(args.quick, save_rows)
         print(gpu.table(result["rows"]))
     else:
         run_cpu_suite(plan, result, args, save)

@@ -145,3 +145,25 @@ def test_compare_section_is_wired(tmp_path, monkeypatch):
                        "--output_file", str(tmp_path / "cpu.json")])
     assert result["compare_llamafactory"]["targets"]["useful_speedup"]["met"]
     assert set(json.loads((tmp_path / "cpu.json").read_text())) >= {"preprocessing", "compare_llamafactory"}
+
+
+def test_gpu_suite_keeps_going_past_a_failed_run(tmp_path, monkeypatch):
+    """An out-of-memory run is a row with its error; the rows so far are saved after every run."""
+    def fake_run_stage(stage, flags, output_dir):
+        if "--load_in_4bit" in flags:
+            raise RuntimeError("supervised_finetuning failed:\ntorch.OutOfMemoryError: CUDA out of memory")
+        return {"peak_mb": 2048, "tokens_per_s": 1000.0, "useful_tokens_per_s": 300.0, "parameters": 1_000_000,
+                "real_tokens": 8000, "seconds": 4.0, "steps": 8}
+
+    monkeypatch.setattr(gpu, "REPO", tmp_path)
+    (tmp_path / "models").mkdir()
+    monkeypatch.setattr(gpu, "write_random_model", lambda config, output_dir: str(output_dir))
+    monkeypatch.setattr(gpu, "run_stage", fake_run_stage)
+    monkeypatch.setattr(gpu, "matmul_peak_flops", lambda: 1e12)
+    monkeypatch.setattr(gpu.torch.cuda, "get_device_name", lambda: "fake GPU")
+    saved = []
+    rows = gpu.run_gpu_suite(quick=True, save=lambda rows: saved.append(len(rows)))
+    assert saved == [1, 2, 3] and [r["method"] for r in rows] == ["lora_bf16", "qlora_4bit", "full_bf16"]
+    assert "CUDA out of memory" in rows[1]["error"] and rows[0]["mfu"] is None
+    assert rows[2]["mfu"] == pytest.approx(6 * 1_000_000 * 2000 / 1e12)  # 6·N·(8000 real tokens / 4 s) / peak
+    assert "failed: torch.OutOfMemoryError: CUDA out of memory" in gpu.table(rows)
