@@ -165,9 +165,14 @@ def _config_file_defaults(path: str | Path, parser: HfArgumentParser) -> dict[st
     return values
 
 
-def closest_flags(unknown: list[str], parser: HfArgumentParser) -> str:
+def parser_flags(parser: HfArgumentParser) -> list[str]:
+    """Every option string the parser accepts (argparse lists them only on its actions)."""
+    return [option for action in parser._actions for option in action.option_strings]
+
+
+def closest_flags(unknown: list[str], known_flags: list[str]) -> str:
     """" (did you mean --x?)" for the unknown flags that are near a known one, else ""."""
-    known = [option for action in parser._actions for option in action.option_strings if option.startswith("--")]
+    known = [flag for flag in known_flags if flag.startswith("--")]
     hints = [f"{flag} -> {match[0]}" for flag in (arg.split("=")[0] for arg in unknown if arg.startswith("--"))
              if (match := difflib.get_close_matches(flag, known, n=1, cutoff=0.75))]
     return f" (did you mean {', '.join(hints)}?)" if hints else ""
@@ -196,10 +201,10 @@ def parse_args(dataclass_types: tuple[type, ...], args: list[str] | None = None,
     argv = list(sys.argv[1:] if args is None else args)
     if argv and argv[0].endswith((".json", ".yaml", ".yml")):
         parser.set_defaults(**_config_file_defaults(argv.pop(0), parser))
-    known_flags = {option for action in parser._actions for option in action.option_strings}
-    namespace, remaining = parser.parse_known_args(translate_aliases(argv, known_flags))
+    known_flags = parser_flags(parser)
+    namespace, remaining = parser.parse_known_args(translate_aliases(argv, set(known_flags)))
     if remaining:
-        parser.error(f"unrecognized arguments: {' '.join(remaining)}{closest_flags(remaining, parser)}")
+        parser.error(f"unrecognized arguments: {' '.join(remaining)}{closest_flags(remaining, known_flags)}")
     values = vars(namespace)
     check_deepspeed(values.get("deepspeed"))
     try:

@@ -298,3 +298,17 @@ def test_bytes_to_unicode_is_the_gpt2_byte_alphabet():
     alphabet = bytes_to_unicode()
     assert sorted(alphabet) == list(range(256)) and len(set(alphabet.values())) == 256
     assert alphabet[ord("a")] == "a" and alphabet[ord(" ")] == "Ġ"
+
+
+def test_argparse_lists_option_strings_on_its_actions():
+    """medicalgpt.args.parser_flags (unknown-flag hints and MedicalGPT's aliases) reads argparse's private
+    `_actions`: each action's `option_strings` and `dest`, for the dataclass fields HfArgumentParser adds."""
+    from transformers import HfArgumentParser
+
+    from medicalgpt.args import closest_flags, parser_flags
+
+    parser = HfArgumentParser((TrainingArguments,))
+    flags = parser_flags(parser)
+    assert {"--learning_rate", "--output_dir", "-h"} <= set(flags)
+    assert "learning_rate" in {action.dest for action in parser._actions}
+    assert closest_flags(["--learning_rat", "3e-4"], flags) == " (did you mean --learning_rat -> --learning_rate?)"
