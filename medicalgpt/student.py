@@ -12,6 +12,7 @@ import argparse
 import copy
 from pathlib import Path
 
+import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
@@ -66,8 +67,10 @@ def make_student(teacher: PreTrainedModel, keep_layers: list[int]) -> PreTrained
     """A copy of the teacher with only the decoder layers keep_layers (teacher indices), renumbered 0, 1, ..."""
     prefix, layers = decoder_layers(teacher)
     check_keep_layers(keep_layers, len(layers))
-    # Built from the config rather than by deleting layers, so each attention layer's cache index is its new one.
-    student = AutoModelForCausalLM.from_config(student_config(teacher.config, keep_layers), dtype=teacher.dtype)
+    # Built from the config rather than by deleting layers, so each attention layer's cache index is its new one;
+    # on the meta device, so that no weights are allocated and initialised only to be replaced (minutes for a 7B).
+    with torch.device("meta"):
+        student = AutoModelForCausalLM.from_config(student_config(teacher.config, keep_layers), dtype=teacher.dtype)
     renumbered = {f"{prefix}.{old}.": f"{prefix}.{new}." for new, old in enumerate(keep_layers)}
     weights = {}
     for name, tensor in teacher.state_dict().items():
@@ -77,7 +80,17 @@ def make_student(teacher: PreTrainedModel, keep_layers: list[int]) -> PreTrained
                 continue
             name = renumbered[layer] + name[len(layer):]
         weights[name] = tensor
-    student.load_state_dict(weights, strict=True)
+    student.load_state_dict(weights, strict=True, assign=True)
+    # Buffers outside the state dict (rotary inverse frequencies) are still on the meta device: the teacher's.
+    teacher_buffers = dict(teacher.named_buffers())
+    teacher_layer = {new: old for old, new in renumbered.items()}
+    for name, buffer in list(student.named_buffers()):
+        if buffer.is_meta:
+            layer = next((prefix for prefix in teacher_layer if name.startswith(prefix)), "")
+            source = teacher_layer[layer] + name[len(layer):] if layer else name
+            module_name, _, buffer_name = name.rpartition(".")
+            student.get_submodule(module_name).register_buffer(buffer_name, teacher_buffers[source].clone(),
+                                                               persistent=False)
     student.generation_config = copy.deepcopy(teacher.generation_config)  # the teacher's stop tokens
     return student
 
