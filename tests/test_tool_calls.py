@@ -22,6 +22,7 @@ from medicalgpt.args import ModelArguments
 from medicalgpt.data import iter_records, to_conversation, to_preference
 from medicalgpt.data.processors import prompt_and_response
 from medicalgpt.errors import DataError
+from medicalgpt.sample_tools import call_sample_tool, run_sample_tool
 from medicalgpt.serving import ServeArguments, load_chat_model
 from medicalgpt.templates import IGNORE_INDEX, get_template, resolve_template
 from medicalgpt.tool_calls import CallStream, CallTurn, get_tool_format, read_call_turn
@@ -221,7 +222,8 @@ def test_tool_format_flag_and_the_tokenizer_template_say_the_format(tokenizer):
 TOOL = {"type": "function", "function": {"name": "find_department", "description": "Department for a symptom",
                                          "parameters": {"type": "object", "properties": {"symptom": {
                                              "type": "string"}}, "required": ["symptom"]}}}
-QUESTION, SYMPTOM, FOUND, ANSWER = "头痛看哪个科？", {"symptom": "头痛"}, '{"department": "神经内科"}', "请看神经内科。"
+QUESTION, SYMPTOM = "头痛看哪个科？", {"symptom": "头痛"}
+FOUND, ANSWER = run_sample_tool("find_department", SYMPTOM), "请看心内科或感染科。"  # the sample tool's real result
 AGENT_TURNS = [{"role": "user", "content": QUESTION},
                {"role": "function_call", "content": json.dumps({"name": "find_department", "arguments": SYMPTOM},
                                                                ensure_ascii=False)},
@@ -339,3 +341,95 @@ def test_inference_returns_the_calls_parsed(tool_model_dir, tmp_path):
                     str(tmp_path / "out.jsonl"), "--temperature", "0", "--max_new_tokens", "96"])
     (row,) = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text(encoding="utf-8").splitlines()]
     assert row["tool_calls"] == [{"name": "find_department", "arguments": SYMPTOM}] and row["response"] == ""
+
+
+def test_demo_runs_the_sample_tool_the_model_calls_and_answers_with_its_result(tool_model_dir):
+    import gradio_demo
+    from data.knowledge import CONDITIONS
+
+    chat = load_chat_model(ModelArguments(model_name_or_path=tool_model_dir), ServeArguments())
+    requests, encode = [], chat.encode
+
+    def recorded(messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+        requests.append(messages)
+        return encode(messages, tools)
+
+    chat.encode = recorded
+    respond = gradio_demo.responder(chat, tools=gradio_demo.LocalTools([TOOL], run_sample_tool))
+    views = list(respond(QUESTION, [], "", 0.0, 1.0, 96))
+    step, answer = views[-1]
+    assert step.metadata == {"title": "🛠️ find_department({\"symptom\": \"头痛\"})", "status": "done"}
+    departments = sorted({c["department_zh"] for c in CONDITIONS if "头痛" in c["symptoms_zh"]})
+    assert json.loads(step.content) == {"symptom": "头痛", "departments": departments} and departments
+    assert answer == ANSWER
+    assert not any("<tool_call>" in str(view) for view in views)  # the call's text is shown as the call only
+    # The second request sends the call and its result back, the result as the template writes a tool message.
+    first, second = requests
+    assert second[len(first):] == [
+        {"role": "function_call", "content": json.dumps({"name": "find_department", "arguments": SYMPTOM},
+                                                        ensure_ascii=False)},
+        {"role": "observation", "content": step.content}]
+    assert f"<tool_response>\n{step.content}\n</tool_response>" in chat.tokenizer.decode(encode(second, [TOOL]))
+    # Shown history goes back as the question and the answer: the tool step is for the reader.
+    shown = [{"role": "user", "content": QUESTION}, {"role": "assistant", "content": step.content,
+                                                     "metadata": step.metadata},
+             {"role": "assistant", "content": answer}]
+    assert gradio_demo.normalise_history(shown) == [shown[0], shown[2]]
+
+
+def test_demo_shows_a_call_that_does_not_parse_as_text_and_runs_nothing(tool_model_dir):
+    import gradio_demo
+
+    chat = load_chat_model(ModelArguments(model_name_or_path=tool_model_dir), ServeArguments())
+    ran = []
+    respond = gradio_demo.responder(chat, tools=gradio_demo.LocalTools([TOOL], lambda *call: ran.append(call)))
+    shown = list(respond(QUESTION, [], "", 0.0, 1.0, 20))[-1]  # cut off before the call's JSON ends
+    assert isinstance(shown, str) and shown.startswith("<tool_call>\n{\"name\"") and not ran
+
+
+def test_sample_tools_answer_from_the_knowledge_table():
+    from data.knowledge import CONDITIONS, WEIGHT_BASED_DOSES
+
+    gout = next(c for c in CONDITIONS if c["id"] == "gout")
+    assert call_sample_tool("recommend_exam", {"condition": gout["name_en"]}) == {
+        "condition": gout["name_en"], "exam": gout["exam_en"]}
+    assert call_sample_tool("lookup_drug_dose", {"drug": gout["drug_zh"], "population": "adult"}) == {
+        "drug": gout["drug_zh"], "dose": gout["dose_zh"]}
+    child = WEIGHT_BASED_DOSES[0]
+    assert call_sample_tool("lookup_drug_dose", {"drug": child["drug_en"], "population": "child"}) == {
+        "drug": child["drug_en"], "dose": f"{child['mg_per_kg_per_dose']} mg/kg per dose, "
+                                         f"{child['doses_per_day']} times a day"}
+    # What the table cannot answer, and calls the schema does not take, answer with an error, never raise.
+    for name, arguments in [("recommend_exam", {"condition": "no such disease"}), ("book_visit", {}),
+                            ("lookup_drug_dose", {"drug": gout["drug_en"]}),
+                            ("find_department", {"symptom": "头痛", "age": 3})]:
+        assert set(call_sample_tool(name, arguments)) == {"error"}
+
+
+def test_demo_tools_flag_offers_and_runs_the_sample_tools(tool_model_dir, monkeypatch):
+    import gradio as gr
+
+    import gradio_demo
+    from data.knowledge import CONDITIONS
+    from medicalgpt.serving import ChatModel
+
+    launched, prompts = [], []
+    monkeypatch.setattr(gr.Blocks, "launch", lambda self, **kwargs: launched.append(self))
+    replies = iter(['<tool_call>\n{"name": "lookup_drug_dose", "arguments": {"drug": "二甲双胍", '
+                    '"population": "adult"}}\n</tool_call>', "每次500毫克。"])
+
+    def scripted(self, prompt, max_new_tokens, stop=None, **kwargs):  # generation fixed: any model may take the flag
+        prompts.append(self.tokenizer.decode(prompt))
+        reply = next(replies)
+        yield from (reply[i:i + 4] for i in range(0, len(reply), 4))
+
+    monkeypatch.setattr(ChatModel, "stream", scripted)
+    gradio_demo.main(["--base_model", tool_model_dir, "--tools", "sample"])
+    (demo,) = launched
+    step, answer = list(demo.fn("二甲双胍成人怎么用？", [], "", 0.0, 1.0, 64, None))[-1]
+    diabetes = next(c for c in CONDITIONS if c["drug_zh"] == "二甲双胍")
+    assert step.metadata["title"] == '🛠️ lookup_drug_dose({"drug": "二甲双胍", "population": "adult"})'
+    assert json.loads(step.content) == {"drug": "二甲双胍", "dose": diabetes["dose_zh"]} and answer == "每次500毫克。"
+    assert all(name in prompts[0] for name in ("lookup_drug_dose", "find_department", "recommend_exam"))
+    assert f"<tool_response>\n{step.content}\n</tool_response>" in prompts[1]
+    assert demo.examples == [[question] for question in gradio_demo.TOOL_EXAMPLES]
