@@ -92,7 +92,7 @@ class _NoSpecials:
     added_tokens_decoder: dict = {}
 
 
-@pytest.mark.parametrize("name", ["qwen", "llama3", "chatml"])
+@pytest.mark.parametrize("name", ["qwen", "llama3", "chatml", "mistral_v3", "glm4"])
 def test_loss_on_calls_and_answer_never_on_tool_results(tokenizer, name):
     tok = template_tokenizer(tokenizer, name)
     record = to_conversation(SHAREGPT)
@@ -105,7 +105,9 @@ def test_loss_on_calls_and_answer_never_on_tool_results(tokenizer, name):
     assert RESULT not in trained and RESULT in untrained and "lookup_drug_dose" in untrained  # the tools section
     expected_call = {"qwen": "<tool_call>\n" + json.dumps(CALL, ensure_ascii=False) + "\n</tool_call>",
                      "chatml": "<tool_call>\n" + json.dumps(CALL, ensure_ascii=False) + "\n</tool_call>",
-                     "llama3": json.dumps({"name": CALL["name"], "parameters": CALL["arguments"]}, ensure_ascii=False)}
+                     "llama3": json.dumps({"name": CALL["name"], "parameters": CALL["arguments"]}, ensure_ascii=False),
+                     "mistral_v3": "[TOOL_CALLS] [" + json.dumps({**CALL, "id": "000000000"}, ensure_ascii=False) + "]",
+                     "glm4": CALL["name"] + "\n" + json.dumps(CALL["arguments"], ensure_ascii=False)}
     assert call == expected_call[name]
 
 
@@ -183,6 +185,8 @@ def test_validate_data_reports_tool_schema_errors_by_file_and_line(tmp_path, cap
 @pytest.mark.parametrize("name, text", [
     ("qwen", "<tool_call>\n{\"name\": \"f\", \"arguments\": {\"a\": 1}}\n</tool_call>"),
     ("llama3", "{\"name\": \"f\", \"parameters\": {\"a\": 1}}"),
+    ("mistral", "[TOOL_CALLS] [{\"name\": \"f\", \"arguments\": {\"a\": 1}, \"id\": \"000000000\"}]"),
+    ("glm4", "f\n{\"a\": 1}"),
     ("json", "{\"name\": \"f\", \"arguments\": {\"a\": 1}}"),
 ])
 def test_each_format_parses_what_it_renders(name, text):
@@ -192,6 +196,34 @@ def test_each_format_parses_what_it_renders(name, text):
     assert fmt.parse(text) == turn
     assert fmt.parse(text[:-3]) is None  # a call cut short is no call: the text comes back as content
     assert fmt.parse("plain answer") is None
+
+
+TEXT_AND_CALLS = CallTurn([{"name": "lookup_drug_dose", "arguments": {"drug": "布洛芬", "population": "child"}},
+                           {"name": "find_department", "arguments": {"symptom": "头痛"}}], "我查一下; 稍等。")
+
+
+@pytest.mark.parametrize("name", ["qwen", "llama3", "mistral", "glm4", "json"])
+def test_text_before_several_calls_survives_rendering_parsing_and_streaming(name):
+    fmt = get_tool_format(name)
+    rendered = fmt.render_calls(TEXT_AND_CALLS.content())
+    assert fmt.parse(rendered) == TEXT_AND_CALLS
+    stream = CallStream(fmt)
+    sent = "".join(stream.feed(rendered[i:i + 5]) for i in range(0, len(rendered), 5))
+    assert stream.finish() == (TEXT_AND_CALLS, "")
+    assert "lookup_drug_dose" not in sent and "{" not in sent  # the calls are not also sent as content
+
+
+def test_calls_whose_marker_token_decoding_dropped_still_parse():
+    """[TOOL_CALLS] and <|assistant|> are special tokens, which generation decodes away."""
+    mistral, glm4 = get_tool_format("mistral"), get_tool_format("glm4")
+    calls = TEXT_AND_CALLS.calls
+    assert mistral.parse(" " + mistral.render_calls(CallTurn(calls).content()).removeprefix("[TOOL_CALLS]")) == \
+        CallTurn(calls)
+    assert glm4.parse(glm4.render_calls(TEXT_AND_CALLS.content()).replace("<|assistant|>", "")) == TEXT_AND_CALLS
+    assert mistral.forced_prefix("f") == '[TOOL_CALLS] [{"name": "f", "arguments": '
+    assert glm4.forced_prefix("f") == "f\n"
+    for plain in ["I have a headache [1].", "Take it\n{with food}", "[{\"name\": \"f\", \"arguments\": "]:
+        assert mistral.parse(plain) is None and glm4.parse(plain) is None
 
 
 def test_streamed_text_goes_out_until_a_call_begins_even_with_its_tag_cut_between_pieces():
@@ -211,7 +243,7 @@ def test_streamed_text_goes_out_until_a_call_begins_even_with_its_tag_cut_betwee
 def test_tool_format_flag_and_the_tokenizer_template_say_the_format(tokenizer):
     assert resolve_template(tokenizer, "mistral", tool_format="qwen").tool_format == "qwen"
     assert resolve_template(tokenizer, "qwen").tool_format == "qwen"
-    with pytest.raises(ValueError, match="unknown --tool_format 'xml'; known formats: qwen, llama3, json"):
+    with pytest.raises(ValueError, match="'xml'; known formats: qwen, llama3, mistral, glm4, json"):
         resolve_template(tokenizer, "chatml", tool_format="xml")
     with pytest.raises(DataError, match="a tool call must be JSON"):
         read_call_turn("call lookup_drug_dose please")
