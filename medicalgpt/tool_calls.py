@@ -237,7 +237,7 @@ class ToolFormat:
         until the reply ends, when parse() says whether it was a call)."""
         if not self.call_open:
             starts = [i for i in (text.find("{"), text.find("[")) if i >= 0]
-            return _before_space(text, min(starts), True) if starts else _before_space(text, len(text), False)
+            return (_before_space(text, min(starts)), True) if starts else (_before_space(text, len(text)), False)
         start = text.find(self.call_open)
         if start >= 0:
             return start, True
@@ -273,9 +273,10 @@ class ToolFormat:
         return None
 
 
-def _before_space(text: str, end: int, calling: bool) -> tuple[int, bool]:
-    """call_start's answer with the blank space before end held too: it may be all that comes before a call."""
-    return len(text[:end].rstrip()), calling
+def _before_space(text: str, end: int) -> int:
+    """end moved back over the blank space before it: that space is held too, as it may be all that comes before
+    a call."""
+    return len(text[:end].rstrip())
 
 
 def _json_values(text: str, separator: str) -> list:
@@ -322,7 +323,7 @@ class MistralToolFormat(ToolFormat):
     def call_start(self, text: str) -> tuple[int, bool]:
         # [TOOL_CALLS] is a special token, which decoding drops: a call may also begin at its list's bracket.
         start = text.find("[")
-        return _before_space(text, start, True) if start >= 0 else _before_space(text, len(text), False)
+        return (_before_space(text, start), True) if start >= 0 else (_before_space(text, len(text)), False)
 
     def parse(self, text: str) -> CallTurn | None:
         prose, tag, body = text.partition(self.call_open)
@@ -339,7 +340,9 @@ class MistralToolFormat(ToolFormat):
 
 
 _GLM4_NAME = r"[A-Za-z_][A-Za-z0-9_\-]*"
-_GLM4_HEAD = re.compile(rf"\s*(?:<\|assistant\|>)?\s*({_GLM4_NAME})\n\s*(?=\{{)")  # a call's name line
+# A call's name line: the name starts the text, a line or a turn (when decoding drops <|assistant|>, it follows the
+# text before it), never a word of a sentence ("see below\n{...}" is an answer).
+_GLM4_HEAD = re.compile(rf"\s*(?:<\|assistant\|>)?\s*(?<![A-Za-z0-9_\- \t])({_GLM4_NAME})\n\s*(?=\{{)")
 _GLM4_SYSTEM_TEXT = "\n在调用上述函数时，请使用 Json 格式表示调用的参数。"
 
 
@@ -366,9 +369,9 @@ class GLM4ToolFormat(ToolFormat):
     def call_start(self, text: str) -> tuple[int, bool]:
         head = _GLM4_HEAD.search(text)
         if head:
-            return _before_space(text, head.start(), True)
+            return _before_space(text, head.start()), True
         tail = re.search(rf"(?:{_GLM4_NAME})?\n?$", text)  # a name (and its newline) may be a call's beginning
-        return _before_space(text, tail.start(), False)
+        return _before_space(text, tail.start()), False
 
     def parse(self, text: str) -> CallTurn | None:
         first = _GLM4_HEAD.search(text)

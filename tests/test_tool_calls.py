@@ -222,7 +222,8 @@ def test_calls_whose_marker_token_decoding_dropped_still_parse():
     assert glm4.parse(glm4.render_calls(TEXT_AND_CALLS.content()).replace("<|assistant|>", "")) == TEXT_AND_CALLS
     assert mistral.forced_prefix("f") == '[TOOL_CALLS] [{"name": "f", "arguments": '
     assert glm4.forced_prefix("f") == "f\n"
-    for plain in ["I have a headache [1].", "Take it\n{with food}", "[{\"name\": \"f\", \"arguments\": "]:
+    for plain in ["I have a headache [1].", "Take it\n{with food}", "[{\"name\": \"f\", \"arguments\": ",
+                  "The dose is below\n{\"dose\": \"5 mg\"}"]:
         assert mistral.parse(plain) is None and glm4.parse(plain) is None
 
 
