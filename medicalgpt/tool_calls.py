@@ -8,6 +8,7 @@ always JSON objects. An observation turn answering several calls holds {"tool_re
 
 import json
 import re
+import string
 import uuid
 from dataclasses import dataclass
 
@@ -237,7 +238,8 @@ class ToolFormat:
         until the reply ends, when parse() says whether it was a call)."""
         if not self.call_open:
             starts = [i for i in (text.find("{"), text.find("[")) if i >= 0]
-            return (_before_space(text, min(starts)), True) if starts else (_before_space(text, len(text)), False)
+            end, calling = (min(starts), True) if starts else (len(text), False)
+            return len(text[:end].rstrip(string.whitespace + self.join)), calling  # the join may precede a call
         start = text.find(self.call_open)
         if start >= 0:
             return start, True
@@ -370,8 +372,10 @@ class GLM4ToolFormat(ToolFormat):
         head = _GLM4_HEAD.search(text)
         if head:
             return _before_space(text, head.start()), True
-        tail = re.search(rf"(?:{_GLM4_NAME})?\n?$", text)  # a name (and its newline) may be a call's beginning
-        return _before_space(text, tail.start()), False
+        # Held, as it may begin a call: <|assistant|> (whole or cut between pieces), a name and its newline.
+        tail = re.search(rf"(?:<\|assistant\|>)?(?:{_GLM4_NAME})?\n?$", text).start()
+        cut = next((n for n in range(len(self.join) - 1, 0, -1) if text.endswith(self.join[:n])), 0)
+        return _before_space(text, min(tail, len(text) - cut)), False
 
     def parse(self, text: str) -> CallTurn | None:
         first = _GLM4_HEAD.search(text)

@@ -210,7 +210,8 @@ def test_text_before_several_calls_survives_rendering_parsing_and_streaming(name
     stream = CallStream(fmt)
     sent = "".join(stream.feed(rendered[i:i + 5]) for i in range(0, len(rendered), 5))
     assert stream.finish() == (TEXT_AND_CALLS, "")
-    assert "lookup_drug_dose" not in sent and "{" not in sent  # the calls are not also sent as content
+    assert TEXT_AND_CALLS.text.startswith(sent.strip())  # the calls (and what joins them to it) are held
+    assert "lookup_drug_dose" not in sent and "{" not in sent and not sent.strip().endswith(";")
 
 
 def test_calls_whose_marker_token_decoding_dropped_still_parse():
