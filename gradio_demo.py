@@ -49,7 +49,7 @@ from medicalgpt.tool_calls import CallStream, CallTurn, ToolFormat, results_cont
 logger = logging.getLogger(__name__)
 ERROR_NOTE = "\n\n⚠️ "  # starts the note a reply ends with when it failed; dropped from the history sent back
 SOURCES_NOTE = "\n\n**Sources**\n"  # starts the sources under a grounded reply; dropped from the history too
-TOOL_TITLE = "🛠️ "  # starts the title of a shown tool call; like a thought, it is not sent back as history
+TOOL_TITLE = "🛠️ "  # starts the title of a shown tool call
 MAX_TOOL_ROUNDS = 4  # rounds of tool calls in one reply before the demo stops a model that keeps calling
 DISCLAIMER = ("A research demo of a language model, not a doctor: its answers can be wrong or harmful. It does not "
               "give medical advice; for a diagnosis or treatment see a qualified professional, and in an emergency "
@@ -101,9 +101,9 @@ def normalise_history(history: list[dict]) -> list[dict]:
     """Gradio history as the chat templates take it: role and plain-text content (the browser sends content as
     a list of {"type": "text", "text": ...} parts, gradio_client as a string). A failed reply loses the note that
     ended it: the note is for the reader, not the model; a reasoning model's thoughts are dropped, as its own
-    template drops earlier reasoning."""
+    template drops earlier reasoning, and so are the tool calls shown (the answer made with them stays)."""
     messages = [{"role": m["role"], "content": message_text(m["content"])} for m in history
-                if not (m.get("metadata") or {}).get("title")]  # a shown thought: reasoning is not sent back
+                if not (m.get("metadata") or {}).get("title")]  # a shown thought or tool call: for the reader
     return [{**m, "content": m["content"].partition(ERROR_NOTE)[0].partition(SOURCES_NOTE)[0]}
             if m["role"] == "assistant" else m for m in messages]
 

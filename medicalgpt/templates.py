@@ -7,7 +7,6 @@ strings. Its hand-written HF chat template (chat_templates/<name>.jinja) renders
 """
 
 import itertools
-import json
 import re
 from dataclasses import dataclass, replace
 from functools import cache
@@ -47,11 +46,6 @@ GLM4_TOOLS = ("你是一个名为 ChatGLM 的人工智能助手。你是基于�
 def _fill(fmt: str, content: str) -> str:
     """fmt with its {content} placeholder replaced (str.format would trip on the JSON braces in tool texts)."""
     return fmt.replace("{content}", content)
-
-
-def _tojson(value) -> str:
-    """JSON exactly as the HF chat-template `tojson` filter writes it."""
-    return json.dumps(value, ensure_ascii=False)
 
 
 @cache
@@ -262,8 +256,7 @@ class TokenizerChatTemplate:
                             "--allow_special_tokens_in_content")
         out = tokenizer.apply_chat_template(
             to_openai_messages(messages, call_ids=True), tools=tools, chat_template=self.jinja, tokenize=True,
-            return_dict=True,
-            return_assistant_tokens_mask=True,
+            return_dict=True, return_assistant_tokens_mask=True,
         )
         ids = list(out["input_ids"])
         labels = [i if train_on_inputs or m else IGNORE_INDEX for i, m in zip(ids, out["assistant_masks"])]
