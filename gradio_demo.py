@@ -7,11 +7,16 @@ Documents uploaded in the Settings (.txt/.md/.pdf/.docx/.jsonl) are indexed as r
 grounded in their best chunks with the sources listed under it; --rag_index answers from an index built by rag.py
 when nothing is uploaded.
 
+--tools sample offers the model the sample medical tools (medicalgpt.sample_tools) and runs its calls here: the
+chat shows each call (name and arguments) over its result, then the answer the model gives with the results.
+
 It listens on 127.0.0.1 only; --server_name 0.0.0.0 opens it to the network, --share makes a public link.
 Sign-in (Gradio's own): MEDICALGPT_DEMO_AUTH=user:password, or --auth_file with one user:password per line; a
 password never goes on the command line, where other users of the machine can read it.
 """
 
+import itertools
+import json
 import logging
 import os
 import tempfile
@@ -27,6 +32,7 @@ from medicalgpt.rag.grounding import format_sources, grounded_messages
 from medicalgpt.rag.index import Hit, RagArguments, RagIndex, build_index
 from medicalgpt.rag.loaders import DOCUMENT_SUFFIXES
 from medicalgpt.reasoning import ReasoningSplitter
+from medicalgpt.sample_tools import SAMPLE_TOOLS, run_sample_tool
 from medicalgpt.serving import (
     LOOPBACK,
     BaseModelArguments,
@@ -38,15 +44,31 @@ from medicalgpt.serving import (
     load_chat_model,
     message_text,
 )
+from medicalgpt.tool_calls import CallStream, CallTurn, ToolFormat, results_content
 
 logger = logging.getLogger(__name__)
 ERROR_NOTE = "\n\n⚠️ "  # starts the note a reply ends with when it failed; dropped from the history sent back
 SOURCES_NOTE = "\n\n**Sources**\n"  # starts the sources under a grounded reply; dropped from the history too
+TOOL_TITLE = "🛠️ "  # starts the title of a shown tool call
+MAX_TOOL_ROUNDS = 4  # rounds of tool calls in one reply before the demo stops a model that keeps calling
 DISCLAIMER = ("A research demo of a language model, not a doctor: its answers can be wrong or harmful. It does not "
               "give medical advice; for a diagnosis or treatment see a qualified professional, and in an emergency "
               "call your local emergency number.")
 EXAMPLES = ["高血压患者日常饮食要注意什么？", "What are the common symptoms of type 2 diabetes?",
             "儿童发烧38.5度应该怎么处理？", "How is gout diagnosed?"]
+TOOL_EXAMPLES = ["What is the usual adult dose of metformin?", "我有头痛，应该挂哪个科？",
+                 "Which exam confirms gout?", "儿童布洛芬的剂量是多少？"]  # what the sample tools answer
+
+
+@dataclass(frozen=True)
+class LocalTools:
+    """Tools the demo offers the model and runs itself: their schemas, and run(name, arguments) -> result text."""
+
+    schemas: list[dict]
+    run: Callable[[str, dict], str]
+
+
+LOCAL_TOOLS = {"sample": LocalTools(SAMPLE_TOOLS, run_sample_tool)}
 
 
 @dataclass
@@ -57,6 +79,10 @@ class DemoArguments:
     system_prompt: str = field(default="", metadata={"help": "Initial system prompt; empty = the template's."})
     temperature: float = field(default=0.7, metadata={"help": "Initial temperature; 0 = greedy decoding."})
     top_p: float = field(default=0.9, metadata={"help": "Initial nucleus-sampling top-p."})
+    tools: str | None = field(default=None, metadata={"choices": list(LOCAL_TOOLS), "help": (
+        "sample: offer the model the sample medical tools (lookup_drug_dose, find_department, recommend_exam, "
+        "answering from the knowledge table) and run the calls it makes here, showing each call, its result and "
+        "the final answer. Default: no tools.")})
     auth_file: str | None = field(default=None, metadata={
         "help": "Ask for a sign-in: a file of user:password lines. Default: $MEDICALGPT_DEMO_AUTH (user:password); "
                 "neither = open to anyone who can reach the page."})
@@ -75,9 +101,9 @@ def normalise_history(history: list[dict]) -> list[dict]:
     """Gradio history as the chat templates take it: role and plain-text content (the browser sends content as
     a list of {"type": "text", "text": ...} parts, gradio_client as a string). A failed reply loses the note that
     ended it: the note is for the reader, not the model; a reasoning model's thoughts are dropped, as its own
-    template drops earlier reasoning."""
+    template drops earlier reasoning, and so are the tool calls shown (the answer made with them stays)."""
     messages = [{"role": m["role"], "content": message_text(m["content"])} for m in history
-                if not (m.get("metadata") or {}).get("title")]  # a shown thought: reasoning is not sent back
+                if not (m.get("metadata") or {}).get("title")]  # a shown thought or tool call: for the reader
     return [{**m, "content": m["content"].partition(ERROR_NOTE)[0].partition(SOURCES_NOTE)[0]}
             if m["role"] == "assistant" else m for m in messages]
 
@@ -95,40 +121,72 @@ def conversation(message: str, history: list[dict], system_prompt: str) -> list[
     return messages
 
 
+def call_title(call: dict) -> str:
+    """How a tool call is shown: its name and its arguments as JSON, like a function call."""
+    return f"{TOOL_TITLE}{call['name']}({json.dumps(call['arguments'], ensure_ascii=False)})"
+
+
 class ShownReply:
     """A reply as the chatbot shows it while it streams: a reasoning model's think block goes into a collapsible
-    thought above the answer (Gradio's ChatMessage with a metadata title), as reasoning_content does in the API."""
+    thought above the answer (Gradio's ChatMessage with a metadata title), as reasoning_content does in the API.
+    With tools, text that may be turning into a call is held until the round ends (a call that does not parse is
+    then shown as the text it is), and each call made, with its result, stays above the next round's answer."""
 
-    def __init__(self, reasoning: bool):
-        self.splitter = ReasoningSplitter() if reasoning else None
+    def __init__(self, reasoning: bool, tool_format: ToolFormat | None = None):
+        self.reasoning, self.tool_format = reasoning, tool_format
+        self.steps: list = []  # earlier rounds: their thoughts, text and tool calls with results, in order
+        self._start_round()
+
+    def _start_round(self) -> None:
+        self.splitter = ReasoningSplitter() if self.reasoning else None
+        self.calls = CallStream(self.tool_format) if self.tool_format else None
         self.thought, self.answer = "", ""
 
     def feed(self, piece: str) -> None:
         self._add(self.splitter.feed(piece) if self.splitter else [("content", piece)])
 
-    def finish(self) -> None:
+    def finish(self) -> CallTurn | None:
+        """Ends the round's text; the tool calls it made (None: it answered)."""
         self._add(self.splitter.flush() if self.splitter else [])
+        if not self.calls:
+            return None
+        call, held = self.calls.finish()
+        self.answer += held
+        return call
 
     def _add(self, parts: list[tuple[str, str]]) -> None:
         for kind, text in parts:
             if kind == "content":
-                self.answer += text
+                self.answer += self.calls.feed(text) if self.calls else text
             else:
                 self.thought += text
 
+    def add_calls(self, calls: list[dict], results: list[str]) -> None:
+        """Closes the round that made the calls: its thought and text, then each call (name and arguments) over its
+        result, stay shown; the next round starts."""
+        self.steps += self._thought(done=True) + ([self.answer.strip()] if self.answer.strip() else [])
+        self.steps += [gr.ChatMessage(result, metadata={"title": call_title(call), "status": "done"})
+                       for call, result in zip(calls, results, strict=True)]
+        self._start_round()
+
     def view(self, note: str = "", done: bool = False) -> str | list:
-        """What the chatbot shows: the answer so far with a note after it, under the thought if there is one."""
+        """What the chatbot shows: the answer so far with a note after it, under the thought and tool calls."""
         return self._shown(self.answer + note, done)
 
     def failed(self, message: str) -> str | list:
         """The reply so far ending with a note saying what went wrong (the note alone when nothing was said)."""
         return self._shown((self.answer + ERROR_NOTE + message).lstrip(), done=True)
 
-    def _shown(self, answer: str, done: bool) -> str | list:
+    def _thought(self, done: bool) -> list:
         if not (self.splitter and self.splitter.saw_block):
+            return []
+        return [gr.ChatMessage(self.thought, metadata={"title": "Reasoning", "status": "done" if done else "pending"})]
+
+    def _shown(self, answer: str, done: bool) -> str | list:
+        above = self.steps + self._thought(done)
+        if not above:
             return answer
-        thought = gr.ChatMessage(self.thought, metadata={"title": "Reasoning", "status": "done" if done else "pending"})
-        return [thought, answer] if answer else [thought]
+        return above + [answer] if answer else above
 
 
 class Documents:
@@ -149,26 +207,41 @@ class Documents:
         return (index.search(question, self.args.rag_top_k, self.args.retrieval) if index else []), notes
 
 
-def responder(chat: ChatModel, documents: Documents | None = None) -> Callable[..., Iterator[str | list]]:
+def responder(chat: ChatModel, documents: Documents | None = None,
+              tools: LocalTools | None = None) -> Callable[..., Iterator[str | list]]:
     """ChatInterface's fn: yields the reply so far after every generated piece (ShownReply.view), then with the
-    sources it was grounded in.
+    sources it was grounded in. With tools, a reply that calls them has them run here, each call and its result
+    shown, and the results sent back to the model (function_call and observation turns, the tool messages of the
+    API) until it answers.
     It never raises: an error ends the reply with a note saying what went wrong, and the chat stays usable (Gradio
     would leave the textbox disabled)."""
 
     def respond(message: str, history: list[dict], system_prompt: str, temperature: float, top_p: float,
                 max_new_tokens: int, files: list[str] | None = None) -> Iterator[str | list]:
-        reply = ShownReply(chat.reasoning)
+        reply = ShownReply(chat.reasoning, chat.template.tools_format if tools else None)
         try:
             messages = conversation(message, history, system_prompt)
             hits, notes = documents.search(message, files) if documents else ([], [])
-            prompt = chat.encode(grounded_messages(messages, hits))
-            # The slider's value is a default cut to the room the context leaves; no room is the API's 400 message.
-            budget = completion_budget(len(prompt), None, int(max_new_tokens), context_length(chat.model))
-            # Sliders send whole numbers as int (temperature 2), which generate() refuses: coerce.
-            for piece in chat.stream(prompt, budget, temperature=float(temperature), top_p=float(top_p)):
-                reply.feed(piece)
+            messages = grounded_messages(messages, hits)
+            for rounds in itertools.count():
+                prompt = chat.encode(messages, tools.schemas if tools else None)
+                # The slider's value is a default cut to the room the context leaves; no room is the API's 400.
+                budget = completion_budget(len(prompt), None, int(max_new_tokens), context_length(chat.model))
+                # Sliders send whole numbers as int (temperature 2), which generate() refuses: coerce.
+                for piece in chat.stream(prompt, budget, temperature=float(temperature), top_p=float(top_p)):
+                    reply.feed(piece)
+                    yield reply.view()
+                call = reply.finish()
+                if call is None:
+                    break
+                if rounds == MAX_TOOL_ROUNDS:
+                    raise UsageError(f"The model called tools again after {MAX_TOOL_ROUNDS} rounds of calls: "
+                                     "stopped there")
+                results = [tools.run(c["name"], c["arguments"]) for c in call.calls]
+                reply.add_calls(call.calls, results)
                 yield reply.view()
-            reply.finish()
+                messages = [*messages, {"role": "function_call", "content": call.content()},
+                            {"role": "observation", "content": results_content(results)}]
             listed = format_sources(hits, reply.answer).replace("\n", "  \n")  # one line each in Markdown
             sources = "  \n".join([listed, *(f"⚠️ {note}" for note in notes)]).strip()
             yield reply.view(SOURCES_NOTE + sources if hits or notes else "", done=True)
@@ -198,9 +271,11 @@ def build_demo(chat: ChatModel, args: DemoArguments, max_new_tokens: int = 512,
         gr.File(label="Documents to answer from (answers cite them)", file_count="multiple", type="filepath",
                 file_types=list(DOCUMENT_SUFFIXES)),
     ]
-    respond = responder(chat, Documents(rag_args or RagArguments()))
+    tools = LOCAL_TOOLS[args.tools] if args.tools else None
+    respond = responder(chat, Documents(rag_args or RagArguments()), tools)
+    examples = TOOL_EXAMPLES if tools else EXAMPLES
     return gr.ChatInterface(respond, additional_inputs=controls, title="MedicalGPT", description=DISCLAIMER,
-                            examples=[[question] for question in EXAMPLES],  # the settings stay as they are
+                            examples=[[question] for question in examples],  # the settings stay as they are
                             additional_inputs_accordion=gr.Accordion("Settings", open=False),
                             validator=has_text, api_name="chat", analytics_enabled=False)  # no calls home: offline
 

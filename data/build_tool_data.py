@@ -1,5 +1,6 @@
 """Generate the tool-calling sample data from the knowledge table: SFT conversations in MedicalGPT's ShareGPT
-tool format (tools, function_call, observation) for three medical tools whose results come from knowledge.py.
+tool format (tools, function_call, observation) for the three sample medical tools of medicalgpt.sample_tools,
+whose results (from knowledge.py) are what those tools return when they run.
 
 Usage (from any directory)::
 
@@ -15,27 +16,22 @@ from __future__ import annotations
 
 import json
 import random
+import sys
 from pathlib import Path
 
 from build_sample_data import HELD_OUT_CONDITIONS, SFT_CONDITIONS, join_items
-from knowledge import CONDITIONS, WEIGHT_BASED_DOSES
+from knowledge import WEIGHT_BASED_DOSES
 
 DATA_DIR = Path(__file__).resolve().parent
+sys.path.insert(0, str(DATA_DIR.parent))
+
+from medicalgpt.sample_tools import SAMPLE_TOOLS, call_sample_tool  # noqa: E402
+
 SEED = 20241215
 TRAIN_SIZE, VALIDATION_SIZE = 400, 40
 NO_TOOL_RATE = 0.2
 
-# MedicalGPT's tool schema (name, description, parameters), kept short: every prompt carries all three.
-TOOLS = [
-    {"name": "lookup_drug_dose", "description": "drug dose", "parameters": {
-        "type": "object", "properties": {"drug": {"type": "string"}, "population": {"enum": ["adult", "child"]}},
-        "required": ["drug", "population"]}},
-    {"name": "find_department", "description": "department for a symptom", "parameters": {
-        "type": "object", "properties": {"symptom": {"type": "string"}}, "required": ["symptom"]}},
-    {"name": "recommend_exam", "description": "key exam", "parameters": {
-        "type": "object", "properties": {"condition": {"type": "string"}}, "required": ["condition"]}},
-]
-CHILD_DOSES = {d[f"drug_{lang}"]: (d, lang) for d in WEIGHT_BASED_DOSES for lang in ("en", "zh")}
+CHILD_DRUGS = {lang: sorted(d[f"drug_{lang}"] for d in WEIGHT_BASED_DOSES) for lang in ("en", "zh")}
 
 QUESTIONS = {
     ("dose", "adult", "en"): ["What is the usual adult dose of {drug}?", "How much {drug} does an adult take?"],
@@ -62,54 +58,43 @@ ANSWERS = {
 POPULATION_ZH = {"adult": "成人", "child": "儿童"}
 
 
-def child_dose(drug: str) -> str:
-    entry, lang = CHILD_DOSES[drug]
-    if lang == "zh":
-        return f"每次{entry['mg_per_kg_per_dose']}毫克/千克，每日{entry['doses_per_day']}次"
-    return f"{entry['mg_per_kg_per_dose']} mg/kg per dose, {entry['doses_per_day']} times a day"
-
-
-def departments(symptom: str, lang: str) -> list[str]:
-    """Every department whose conditions list the symptom, from the whole table (the tool knows it all)."""
-    return sorted({c[f"department_{lang}"] for c in CONDITIONS if symptom in c[f"symptoms_{lang}"]})
-
-
 def example(rng: random.Random, conditions: list[dict], kind: str, lang: str) -> dict:
     """One conversation: the question, the call and its result from the table, and the answer (or no call)."""
     condition = rng.choice(conditions)
     name = condition[f"name_{lang}"]
     if kind == "dose":
         population = rng.choice(["adult", "child"])
-        child_drugs = sorted(drug for drug, (_, drug_lang) in CHILD_DOSES.items() if drug_lang == lang)
-        drug = rng.choice(child_drugs) if population == "child" else condition[f"drug_{lang}"]
-        dose = child_dose(drug) if population == "child" else condition[f"dose_{lang}"]
+        drug = rng.choice(CHILD_DRUGS[lang]) if population == "child" else condition[f"drug_{lang}"]
         question = rng.choice(QUESTIONS[("dose", population, lang)]).format(drug=drug)
-        arguments, result = {"drug": drug, "population": population}, {"drug": drug, "dose": dose}
-        answer = ANSWERS[("dose", lang)].format(drug=drug, dose=dose, population=population if lang == "en"
+        arguments = {"drug": drug, "population": population}
+        result = call_sample_tool("lookup_drug_dose", arguments)
+        answer = ANSWERS[("dose", lang)].format(drug=drug, dose=result["dose"], population=population if lang == "en"
                                                 else POPULATION_ZH[population])
     elif kind == "department":
         symptom = rng.choice(condition[f"symptoms_{lang}"])
-        found = departments(symptom, lang)
         question = rng.choice(QUESTIONS[("department", lang)]).format(symptom=symptom)
-        arguments, result = {"symptom": symptom}, {"symptom": symptom, "departments": found}
-        answer = ANSWERS[("department", lang)].format(symptom=symptom, departments=join_items(found, lang))
+        arguments = {"symptom": symptom}
+        result = call_sample_tool("find_department", arguments)
+        answer = ANSWERS[("department", lang)].format(symptom=symptom,
+                                                      departments=join_items(result["departments"], lang))
     elif kind == "exam":
         question = rng.choice(QUESTIONS[("exam", lang)]).format(condition=name)
-        arguments, result = {"condition": name}, {"condition": name, "exam": condition[f"exam_{lang}"]}
-        answer = ANSWERS[("exam", lang)].format(condition=name, exam=condition[f"exam_{lang}"])
+        arguments = {"condition": name}
+        result = call_sample_tool("recommend_exam", arguments)
+        answer = ANSWERS[("exam", lang)].format(condition=name, exam=result["exam"])
     else:  # a question the model answers itself
         question = rng.choice(QUESTIONS[("none", lang)]).format(condition=name)
         answer = ANSWERS[("none", lang)].format(condition=name,
                                                 symptoms=join_items(condition[f"symptoms_{lang}"], lang))
         return {"conversations": [{"from": "human", "value": question}, {"from": "gpt", "value": answer}],
-                "tools": TOOLS}
+                "tools": SAMPLE_TOOLS}
     call = {"name": {"dose": "lookup_drug_dose", "department": "find_department", "exam": "recommend_exam"}[kind],
             "arguments": arguments}
     return {"conversations": [
         {"from": "human", "value": question},
         {"from": "function_call", "value": json.dumps(call, ensure_ascii=False)},
         {"from": "observation", "value": json.dumps(result, ensure_ascii=False)},
-        {"from": "gpt", "value": answer}], "tools": TOOLS}
+        {"from": "gpt", "value": answer}], "tools": SAMPLE_TOOLS}
 
 
 def build(conditions: list[dict], size: int, seed: int) -> list[dict]:

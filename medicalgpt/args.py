@@ -103,9 +103,11 @@ class ChatDataArguments(DataArguments):
     template_name: str | None = field(default=None, metadata={
         "help": "Built-in chat template (chatml, qwen, llama3, ...). Default: the tokenizer's own template."})
     tool_format: str | None = field(default=None, metadata={
-        "help": "How tool calls and results are written: qwen (<tool_call> JSON), llama3 (JSON, ipython turns) or "
-                "json. Default: the chat template's own (qwen for chatml/qwen/qwen3, llama3 for llama3), else json.",
-        "choices": ["qwen", "llama3", "json"]})
+        "help": "How tool calls and results are written: qwen (<tool_call> JSON), llama3 (JSON, ipython turns), "
+                "mistral ([TOOL_CALLS] list, [TOOL_RESULTS]), glm4 (name line and JSON, observation turns) or json. "
+                "Default: the chat template's own (qwen for chatml/qwen/qwen3, llama3 for llama3, mistral for "
+                "mistral_v3, glm4 for glm4), else json.",
+        "choices": ["qwen", "llama3", "mistral", "glm4", "json"]})
     allow_special_tokens_in_content: bool = field(default=False, metadata={
         "help": "Tokenise special-token strings inside message content (e.g. a typed end-of-turn token) as control "
                 "tokens. "

@@ -11,7 +11,6 @@ drugs, doses and departments, plus the user's own list) is dropped, and the Chin
 dictionary so the tagger never splits a drug name into a "name".
 """
 
-import importlib.util
 import logging
 import random
 import re
@@ -20,12 +19,11 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from functools import cache
 
-from medicalgpt.checkout import ROOT, require_checkout
+from medicalgpt.checkout import knowledge_table
 
 logger = logging.getLogger(__name__)
 
 PHI_TYPES = ("NAME", "ID", "PHONE", "DATE", "ADDRESS", "MRN", "EMAIL")
-KNOWLEDGE_TABLE = ROOT / "data" / "knowledge.py"
 # Keys of a record whose strings are structure, not text: roles, tool schemas and calls.
 STRUCTURE_KEYS = frozenset({"role", "from", "tools", "tool_calls"})
 
@@ -107,13 +105,8 @@ def valid_resident_id(number: str) -> bool:
 
 def knowledge_terms() -> list[str]:
     """Every medical term of the knowledge table (conditions, symptoms, exams, drugs, doses, departments)."""
-    if not KNOWLEDGE_TABLE.is_file():
-        require_checkout("De-identification (the medical terms it keeps)", "data/knowledge.py")
-    spec = importlib.util.spec_from_file_location("medicalgpt_knowledge_table", KNOWLEDGE_TABLE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
     terms = []
-    for condition in module.CONDITIONS:
+    for condition in knowledge_table("De-identification (the medical terms it keeps)").CONDITIONS:
         for key, value in condition.items():
             if key.endswith(("_en", "_zh")):
                 terms.extend(value if isinstance(value, list) else [value])

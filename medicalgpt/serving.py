@@ -35,8 +35,9 @@ class AdapterArguments:
     template_name: str | None = field(default=None, metadata={
         "help": "Built-in chat template (chatml, qwen, llama3, ...). Default: the tokenizer's own template."})
     tool_format: str | None = field(default=None, metadata={
-        "help": "How tool calls are written and parsed: qwen, llama3 or json. Default: the chat template's own.",
-        "choices": ["qwen", "llama3", "json"]})
+        "help": "How tool calls are written and parsed: qwen, llama3, mistral, glm4 or json. Default: the chat "
+                "template's own.",
+        "choices": ["qwen", "llama3", "mistral", "glm4", "json"]})
     enable_thinking: bool = field(default=True, metadata={"help": (
         "Reasoning models (qwen3 templates, tokenizers with a <think> token): False prompts with thinking off. "
         "Reasoning comes back apart from the answer (reasoning_content in the API and in inference rows).")})

@@ -7,7 +7,6 @@ strings. Its hand-written HF chat template (chat_templates/<name>.jinja) renders
 """
 
 import itertools
-import json
 import re
 from dataclasses import dataclass, replace
 from functools import cache
@@ -16,7 +15,7 @@ from pathlib import Path
 import jinja2
 
 from medicalgpt.errors import DataError, UsageError
-from medicalgpt.tool_calls import ToolFormat, get_tool_format, to_openai_messages
+from medicalgpt.tool_calls import ToolFormat, get_tool_format, read_call_turn, read_results, to_openai_messages
 
 IGNORE_INDEX = -100
 CHAT_TEMPLATE_DIR = Path(__file__).parent / "chat_templates"
@@ -39,16 +38,14 @@ CHATML_TOOLS = _QWEN_TOOLS_HEAD + "."
 QWEN_TOOLS = (
     _QWEN_TOOLS_HEAD + ':\n<tool_call>\n{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call>'
 )
+# GLM-4's own system block for tools ({content}: each tool's "## name" section), before any system prompt.
+GLM4_TOOLS = ("你是一个名为 ChatGLM 的人工智能助手。你是基于智谱AI训练的语言模型 GLM-4 模型开发的，"
+              "你的任务是针对用户的问题和要求提供适当的答复和支持。\n\n# 可用工具{content}")
 
 
 def _fill(fmt: str, content: str) -> str:
     """fmt with its {content} placeholder replaced (str.format would trip on the JSON braces in tool texts)."""
     return fmt.replace("{content}", content)
-
-
-def _tojson(value) -> str:
-    """JSON exactly as the HF chat-template `tojson` filter writes it."""
-    return json.dumps(value, ensure_ascii=False)
 
 
 @cache
@@ -130,9 +127,12 @@ class Template:
     function_call: str | None = None  # trained like assistant; None: the assistant format
     observation: str | None = None  # None: the user format
     tool_format: str = "json"  # how calls and tool results are written (medicalgpt.tool_calls.TOOL_FORMATS)
-    tools: str = DEFAULT_TOOLS  # appended to the system text, {content}: one JSON tool per line
+    tools: str = DEFAULT_TOOLS  # {content}: the tool definitions as the tool format writes them
+    # Where the tools text goes: "system" (appended to the system text), "system_block" (a system turn of its
+    # own before the system prompt: GLM-4), "last_user" (before the last user turn: Mistral v3).
+    tools_placement: str = "system"
     default_system: str | None = None
-    merge_system: bool = False  # system text goes into the first user turn (llama2, mistral)
+    merge_system: str = ""  # "first"/"last": the system text opens the first (llama2, mistral) / last user turn
     stop_words: tuple[str, ...] = ()
     # False: special-token strings in message content are plain text, so a message cannot forge a turn.
     allow_special_tokens: bool = False
@@ -165,11 +165,15 @@ class Template:
         text = "".join(text for text, _ in self._segments(tokenizer, messages, tools))
         return encode_rendered(tokenizer, text + self.assistant_prefix + self.prompt_suffix)
 
+    def _tools_text(self, tools: list[dict] | None) -> str | None:
+        return _fill(self.tools, self.tools_format.render_tools(tools)) if tools else None
+
     def _system_text(self, messages: list[dict], tools: list[dict] | None) -> str | None:
-        """The system prompt (given or default) with the tool descriptions appended; None when there is none."""
+        """The system prompt (given or default), with the tool descriptions appended where they go there; None
+        when there is none."""
         system = messages[0]["content"] if messages and messages[0]["role"] == "system" else self.default_system
-        if tools:
-            tool_text = _fill(self.tools, "\n".join(_tojson(tool) for tool in tools))
+        if tools and self.tools_placement == "system":
+            tool_text = self._tools_text(tools)
             system = f"{system}\n\n{tool_text}" if system else tool_text
         return system
 
@@ -179,30 +183,41 @@ class Template:
             messages = _escape_content(tokenizer, messages)
         system = self._system_text(messages, tools)
         segments = [(self.prefix, False)]
+        if tools and self.tools_placement == "system_block":
+            segments.append((_fill(self.system, self._tools_text(tools)), False))
         if system is not None and not self.merge_system:
             segments.append((_fill(self.system, system), False))
-        last_user = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=-1)
+        users = [i for i, m in enumerate(messages) if m["role"] == "user"]
+        last_user = users[-1] if users else -1
+        merge_into = (users[0] if self.merge_system == "first" else last_user) if self.merge_system and users else -1
+        calls = results = 0  # before each turn: formats that write call ids count them
         for index, message in enumerate(messages):
             if index == 0 and message["role"] == "system":
                 continue
             content = message["content"]
-            if self.merge_system and system is not None and message["role"] == "user":
-                content, system = _fill(self.system, system) + content, None  # only the first user turn
+            if index == merge_into and system is not None:
+                content = _fill(self.system, system) + content
+            if index == last_user and tools and self.tools_placement == "last_user":
+                segments.append((self._tools_text(tools), False))
             if self.think_blocks and message["role"] == "assistant":
                 content = _with_think_block(content, index > last_user, index == len(messages) - 1)
-            segments += self._turn(message["role"], content)
+            segments += self._turn(message["role"], content, calls if message["role"] == "function_call" else results)
+            if message["role"] == "function_call":
+                calls += len(read_call_turn(content).calls)
+            elif message["role"] == "observation":
+                results += len(read_results(content))
         return segments
 
     @property
     def tools_format(self) -> ToolFormat:
         return get_tool_format(self.tool_format)
 
-    def _turn(self, role: str, content: str) -> list[tuple[str, bool]]:
-        """(text, trained) pieces of one turn."""
+    def _turn(self, role: str, content: str, first_id: int = 0) -> list[tuple[str, bool]]:
+        """(text, trained) pieces of one turn; first_id: the calls (or results) before it in the conversation."""
         if role == "function_call":
-            content = self.tools_format.render_calls(content)
+            content = self.tools_format.render_calls(content, first_id)
         elif role == "observation":
-            content = self.tools_format.render_results(content)
+            content = self.tools_format.render_results(content, first_id)
         if role in USER_SIDE:
             fmt = self.user if role == "user" else self.observation or self.user
             return [(_fill(fmt, content), False)]
@@ -240,8 +255,8 @@ class TokenizerChatTemplate:
                             "make a control token: use a built-in --template_name (it keeps them plain text) or pass "
                             "--allow_special_tokens_in_content")
         out = tokenizer.apply_chat_template(
-            to_openai_messages(messages), tools=tools, chat_template=self.jinja, tokenize=True, return_dict=True,
-            return_assistant_tokens_mask=True,
+            to_openai_messages(messages, call_ids=True), tools=tools, chat_template=self.jinja, tokenize=True,
+            return_dict=True, return_assistant_tokens_mask=True,
         )
         ids = list(out["input_ids"])
         labels = [i if train_on_inputs or m else IGNORE_INDEX for i, m in zip(ids, out["assistant_masks"])]
@@ -250,7 +265,7 @@ class TokenizerChatTemplate:
     def encode_prompt(self, tokenizer, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
         """ids of a conversation ending in a user/observation turn plus the assistant generation prompt."""
         extra = self.template_kwargs or {}
-        messages = to_openai_messages(messages)  # what templates that know tools take
+        messages = to_openai_messages(messages, call_ids=True)  # what templates that know tools take
         if self.allow_special_tokens:
             return list(tokenizer.apply_chat_template(
                 messages, tools=tools, chat_template=self.jinja, add_generation_prompt=True, tokenize=True,
@@ -290,11 +305,19 @@ TEMPLATES: dict[str, Template] = {
         # Llama 2 repeats BOS before every exchange, so it sits in the user format rather than the prefix.
         Template(
             "llama2", system="<<SYS>>\n{content}\n<</SYS>>\n\n", user="<s>[INST] {content} [/INST]",
-            assistant=" {content} </s>", merge_system=True, stop_words=("</s>",),
+            assistant=" {content} </s>", merge_system="first", stop_words=("</s>",),
         ),
         Template(
             "mistral", prefix="<s>", system="{content}\n\n", user="[INST] {content} [/INST]",
-            assistant=" {content}</s>", merge_system=True, stop_words=("</s>",),
+            assistant=" {content}</s>", merge_system="first", stop_words=("</s>",),
+        ),
+        # Mistral's v3 format (Mistral-7B-Instruct-v0.3, Mixtral-8x22B, Mistral NeMo) with its native tools: the
+        # system prompt and [AVAILABLE_TOOLS] go with the last user turn, as mistral-common puts them.
+        Template(
+            "mistral_v3", prefix="<s>", system="{content}\n\n", user="[INST] {content}[/INST]",
+            assistant=" {content}</s>", function_call="{content}</s>", observation="{content}", merge_system="last",
+            tools="[AVAILABLE_TOOLS] {content}[/AVAILABLE_TOOLS]", tools_placement="last_user",
+            tool_format="mistral", stop_words=("</s>",),
         ),
         Template(
             "vicuna", system="{content} ", user="USER: {content} ", assistant_prefix="ASSISTANT:",
@@ -315,6 +338,15 @@ TEMPLATES: dict[str, Template] = {
             tools="Answer the following questions as best as you can. You have access to the following tools:\n"
             "{content}",
             stop_words=("</s>", "<|user|>", "<|observation|>"),
+        ),
+        # GLM-4 (glm-4-9b-chat) with its native tools. A reply ends with <|endoftext|> (the model's EOS) and a call
+        # with <|observation|>, where its result comes: both are trained, so the model learns to stop.
+        Template(
+            "glm4", prefix="[gMASK]<sop>", system="<|system|>\n{content}", user="<|user|>\n{content}",
+            assistant_prefix="<|assistant|>", assistant="\n{content}<|endoftext|>",
+            function_call="{content}<|observation|>", observation="\n{content}", tool_format="glm4",
+            tools=GLM4_TOOLS, tools_placement="system_block",
+            stop_words=("<|endoftext|>", "<|user|>", "<|observation|>"),
         ),
         Template(
             "baichuan2", user="<reserved_106>{content}", assistant_prefix="<reserved_107>",
@@ -404,6 +436,10 @@ def own_tool_format(jinja: str) -> str:
         return "qwen"
     if "ipython" in jinja and '"parameters": ' in jinja:
         return "llama3"
+    if "[TOOL_CALLS]" in jinja:
+        return "mistral"
+    if "可用工具" in jinja:
+        return "glm4"
     return "json"
 
 

@@ -20,6 +20,9 @@ SPECIAL_TOKENS = {
     "llama3": ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
     "llama2": ["<s>", "</s>", "[INST]", "[/INST]"],
     "mistral": ["<s>", "</s>", "[INST]", "[/INST]"],
+    "mistral_v3": ["<s>", "</s>", "[INST]", "[/INST]", "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]", "[TOOL_CALLS]",
+                   "[TOOL_RESULTS]", "[/TOOL_RESULTS]"],
+    "glm4": ["[gMASK]", "<sop>", "<|system|>", "<|user|>", "<|assistant|>", "<|observation|>", "<|endoftext|>"],
     "vicuna": ["</s>"],
     "alpaca": ["</s>"],
     "chatglm3": ["[gMASK]", "<sop>", "<|system|>", "<|user|>", "<|assistant|>", "<|observation|>", "</s>"],
@@ -92,7 +95,7 @@ def jinja_encode(tok, messages: list[dict], tools: list[dict] | None,
     """input_ids and assistant mask from HF's own jinja rendering; templates with a native tool format take tool
     turns as OpenAI messages (assistant tool_calls, tool results), as the families' own templates do."""
     if tool_format != "json":
-        messages = to_openai_messages(messages)
+        messages = to_openai_messages(messages, call_ids=True)
     out = tok.apply_chat_template(messages, tools=tools, tokenize=True, return_dict=True,
                                   return_assistant_tokens_mask=True)
     return list(out["input_ids"]), list(out["assistant_masks"])
@@ -128,10 +131,9 @@ def test_trained_spans_are_assistant_turns(tokenizer, name, conversation):
     messages, tools = CONVERSATIONS[conversation]
     spans = trained_spans(tok, *template.encode(tok, messages, tools))
     replies = [m for m in messages if m["role"] in ("assistant", "function_call")]
-    eot = template.stop_words[0]
     assert len(spans) == len(replies)
     for span, reply in zip(spans, replies):
-        assert span.endswith(eot)
+        eot = next(stop for stop in template.stop_words if span.endswith(stop))  # the model learns to stop
         if reply["role"] == "assistant":  # formats may put whitespace around the content, nothing else
             # (and Qwen3's an empty think block before the final reply)
             assert span[: -len(eot)].removeprefix("<think>\n\n</think>\n\n" * template.think_blocks).strip() == (
@@ -156,7 +158,7 @@ def test_encode_prompt_matches_generation_prompt(tokenizer, name, conversation):
     messages, tools = CONVERSATIONS[conversation]
     prompt = messages[:-1]  # every conversation ends in an assistant reply
     native = get_template(name).tool_format != "json"
-    expected = tok.apply_chat_template(to_openai_messages(prompt) if native else prompt, tools=tools,
+    expected = tok.apply_chat_template(to_openai_messages(prompt, call_ids=True) if native else prompt, tools=tools,
                                        add_generation_prompt=True, tokenize=True,
                                        return_dict=True)["input_ids"]
     assert get_template(name).encode_prompt(tok, prompt, tools) == list(expected)
