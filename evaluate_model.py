@@ -7,6 +7,8 @@ Metrics (each from its own flag):
 - preference accuracy on chosen/rejected pairs (--preference_file): the policy's preference (mean token
   log-probability), plus DPO's implicit reward against the reference (--implicit_reward); or a reward model's
   pairwise accuracy and margin (--reward_model);
+- a reward model's mean score of the model's greedy answers to held-out questions (--reward_file, with
+  --reward_model), beside its mean score of their reference answers (the ceiling) and the answers' mean length;
 - answer accuracy on questions with verifiable answers (--answer_file, GRPO's format), generated and scored
   with the reward functions (--reward_funcs);
 - sample answers to held-out conversations (--questions_file), printed beside the references;
@@ -42,12 +44,13 @@ from medicalgpt.data import (
 from medicalgpt.data.loading import LoadReport, convert_records
 from medicalgpt.data.processors import prompt_and_response
 from medicalgpt.data.readers import find_data_files, iter_records
-from medicalgpt.errors import DataError, run_cli
+from medicalgpt.errors import DataError, UsageError, run_cli
 from medicalgpt.evaluation import (
     mcq_loglik_accuracy,
     perplexity,
     preference_accuracy,
     reward_model_accuracy,
+    reward_scores,
     teacher_kl,
 )
 from medicalgpt.generation import generate
@@ -82,7 +85,11 @@ class EvalArguments(AdapterArguments):
         "Also score pairs by DPO's implicit reward against the reference: the model without its LoRA adapter, or "
         "--ref_model.")})
     ref_model: str | None = field(default=None, metadata={"help": "Reference model for --implicit_reward."})
-    reward_model: str | None = field(default=None, metadata={"help": "Score pairs with this reward model instead."})
+    reward_model: str | None = field(default=None, metadata={
+        "help": "Score --preference_file's pairs with this reward model instead, and --reward_file's answers."})
+    reward_file: str | None = field(default=None, metadata={"help": (
+        "Held-out conversations: --reward_model scores the model's greedy answer to each last user turn "
+        "(heldout_reward, answer_tokens) and the reference answer (reference_reward).")})
     answer_file: str | None = field(default=None, metadata={"help": "Questions with verifiable answers (GRPO format)."})
     reward_funcs: str = reward_funcs_field("answer_accuracy", "scored on --answer_file")
     questions_file: str | None = field(default=None, metadata={
@@ -203,6 +210,28 @@ def preference_metrics(model, model_args, tokenizer, template, args: EvalArgumen
     return metrics
 
 
+def held_out_reward(model, model_args, tokenizer, template, args: EvalArguments) -> dict:
+    """The reward model's mean score of the model's greedy answers to --reward_file's questions and of their
+    reference answers (where a policy that answered like the references would be), and the answers' mean length in
+    tokens (a policy that games the reward model with short answers shows there)."""
+    conversations = _records(args.reward_file, to_conversation)
+    prompts = [c["messages"][:-1] for c in conversations]
+    answers = generate(model, tokenizer, [template.encode_prompt(tokenizer, p) for p in prompts],
+                       max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+    reward_model = load_reward_model(args.reward_model, model_args)
+
+    def mean_score(responses: list[str]) -> float:  # each answer rendered as the reward model learnt answers
+        sequences = [prompt_ids + answer_ids for prompt_ids, answer_ids in (
+            prompt_and_response(tokenizer, template, prompt, None, response)
+            for prompt, response in zip(prompts, responses, strict=True))]
+        return reward_scores(reward_model, sequences, tokenizer.pad_token_id, args.batch_size).mean().item()
+
+    lengths = [len(tokenizer(answer, add_special_tokens=False)["input_ids"]) for answer in answers]
+    return {"heldout_reward": mean_score(answers),
+            "reference_reward": mean_score([c["messages"][-1]["content"] for c in conversations]),
+            "answer_tokens": sum(lengths) / len(lengths)}
+
+
 def sample_answers(model, tokenizer, template, args: EvalArguments) -> list[dict]:
     conversations = _records(args.questions_file, to_conversation)
     conversations = conversations.select(range(min(args.num_questions, len(conversations))))
@@ -231,6 +260,8 @@ def distance_from_teacher(model, model_args, tokenizer, template, args: EvalArgu
 
 def evaluate_model(model_args: ModelArguments, args: EvalArguments, rag_args: RagArguments | None = None) -> dict:
     """Every requested metric of one model, and its sample answers."""
+    if args.reward_file and not args.reward_model:
+        raise UsageError("--reward_file's answers are scored by a reward model: pass --reward_model too")
     model_args = with_adapter_base(model_args, args.lora_model)
     tokenizer = load_tokenizer(model_args, args.lora_model)
     template = resolve_template(tokenizer, args.template_name, tool_format=args.tool_format)
@@ -248,6 +279,8 @@ def evaluate_model(model_args: ModelArguments, args: EvalArguments, rag_args: Ra
             metrics["mcq_generate_accuracy"] = mcq_generate_accuracy(model, tokenizer, template, records, args)
     if args.preference_file:
         metrics.update(preference_metrics(model, model_args, tokenizer, template, args))
+    if args.reward_file:
+        metrics.update(held_out_reward(model, model_args, tokenizer, template, args))
     if args.answer_file:
         metrics["answer_accuracy"] = answer_accuracy(model, tokenizer, template, args)
     if args.tool_file:

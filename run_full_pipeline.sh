@@ -79,14 +79,17 @@ evaluate --name student_sft --model_name_or_path "$OUT/student_sft" "${STUDENT_E
 stage "Reward model on the SFT model, data/preference"
 python reward_modeling.py --model_name_or_path "$OUT/sft-merged" --output_dir "$OUT/rm" "${PAIRS[@]}" \
     --lora_rank 16 --lora_alpha 32 --learning_rate 2e-3 --per_device_train_batch_size 8 "${TUNED[@]}" "${PREF[@]}"
+# The rm row also scores the SFT model's answers to held-out questions (PPO's start) and the references (its ceiling).
+REWARD_EVAL=(--reward_model "$OUT/rm" --reward_file data/sft/validation)
 evaluate --name rm --model_name_or_path "$OUT/sft-merged" --preference_file data/preference/validation \
-    --reward_model "$OUT/rm"
+    "${REWARD_EVAL[@]}"
 
 stage "PPO from the SFT model against the reward model"
 python ppo_training.py --model_name_or_path "$OUT/sft-merged" --reward_model "$OUT/rm" --output_dir "$OUT/ppo" \
-    --train_file_dir data/sft/train --batch_size 8 --mini_batch_size 4 --max_new_tokens 32 --learning_rate 1e-3 \
+    --train_file_dir data/sft/train --batch_size 8 --mini_batch_size 4 --max_new_tokens 32 --learning_rate 3e-4 \
     --lora_rank 16 --lora_alpha 32 --kl_coef 0.3 --report_to tensorboard "${RL[@]}"
-evaluate --name ppo --model_name_or_path "$OUT/sft-merged" --lora_model "$OUT/ppo" "${HELD_OUT[@]}"
+evaluate --name ppo --model_name_or_path "$OUT/sft-merged" --lora_model "$OUT/ppo" "${HELD_OUT[@]}" \
+    "${REWARD_EVAL[@]}" --answer_file data/grpo/validation
 
 stage "DPO from the SFT model"
 python dpo_training.py --model_name_or_path "$OUT/sft-merged" --output_dir "$OUT/dpo" "${PAIRS[@]}" --beta 0.5 \

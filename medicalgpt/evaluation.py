@@ -96,18 +96,24 @@ def preference_accuracy(model, pairs, batch_size: int = 8, reference=None) -> di
 
 
 @torch.inference_mode()
+def reward_scores(reward_model, sequences: list[list[int]], pad_token_id: int, batch_size: int = 8) -> torch.Tensor:
+    """A reward model's score of each token sequence (prompt + answer), read where it reads it: the last non-pad
+    token of the right-padded batch."""
+    out = []
+    for start in range(0, len(sequences), batch_size):
+        batch = [torch.tensor(s) for s in sequences[start: start + batch_size]]
+        input_ids = pad_sequence(batch, batch_first=True, padding_value=pad_token_id).to(reward_model.device)
+        attention_mask = pad_sequence([torch.ones_like(s) for s in batch], batch_first=True)
+        out.append(reward_model(input_ids=input_ids, attention_mask=attention_mask.to(input_ids.device))
+                   .logits[:, 0].float().cpu())
+    return torch.cat(out)
+
+
 def reward_model_accuracy(reward_model, pairs, pad_token_id: int, batch_size: int = 8) -> dict:
     """Pairwise accuracy and mean margin of a reward model on prompt+chosen against prompt+rejected."""
     def rewards(column: str) -> torch.Tensor:
-        out = []
-        sequences = [torch.tensor(p + a) for p, a in zip(pairs["prompt_ids"], pairs[column], strict=True)]
-        for start in range(0, len(sequences), batch_size):
-            batch = sequences[start: start + batch_size]
-            input_ids = pad_sequence(batch, batch_first=True, padding_value=pad_token_id).to(reward_model.device)
-            attention_mask = pad_sequence([torch.ones_like(s) for s in batch], batch_first=True)
-            out.append(reward_model(input_ids=input_ids, attention_mask=attention_mask.to(input_ids.device))
-                       .logits[:, 0].float().cpu())
-        return torch.cat(out)
+        sequences = [p + a for p, a in zip(pairs["prompt_ids"], pairs[column], strict=True)]
+        return reward_scores(reward_model, sequences, pad_token_id, batch_size)
 
     margin = rewards("chosen_ids") - rewards("rejected_ids")
     return {"accuracy": (margin > 0).float().mean().item(), "margin": margin.mean().item()}

@@ -23,12 +23,15 @@ def stage_history(stage_dir: Path) -> list[dict]:
 
 
 def reward_trend(history: list[dict]) -> dict:
-    """Mean reward over the first and the last REWARD_WINDOW logged steps, for stages that log one."""
+    """Mean reward over the first and the last REWARD_WINDOW logged steps, for stages that log one; and the mean KL
+    to the reference over the last ones, for those that log it (how far the policy went for that reward)."""
     rewards = [entry["reward"] for entry in history if "reward" in entry]
     if not rewards:
         return {}
     start, end = rewards[:REWARD_WINDOW], rewards[-REWARD_WINDOW:]
-    return {"reward_start": sum(start) / len(start), "reward_end": sum(end) / len(end)}
+    trend = {"reward_start": sum(start) / len(start), "reward_end": sum(end) / len(end)}
+    kls = [entry["kl"] for entry in history if "kl" in entry][-REWARD_WINDOW:]
+    return {**trend, "kl_end": sum(kls) / len(kls)} if kls else trend
 
 
 def plot_curves(histories: dict[str, list[dict]], path: Path) -> None:

@@ -78,13 +78,14 @@ def test_report_adds_reward_trends_and_draws_every_stage(tmp_path):
     (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (tmp_path / "ppo").mkdir()
     (tmp_path / "ppo" / "ppo_log.jsonl").write_text(
-        "".join(json.dumps({"step": s, "reward": float(s)}) + "\n" for s in range(1, 11)))
+        "".join(json.dumps({"step": s, "reward": float(s), "kl": s / 10}) + "\n" for s in range(1, 11)))
     (tmp_path / "sft").mkdir()
     (tmp_path / "sft" / "trainer_state.json").write_text(json.dumps({"log_history": [
         {"step": 5, "loss": 2.0}, {"step": 10, "loss": 1.0}, {"step": 10, "eval_loss": 1.5}]}))
     table = write_report(tmp_path)
     ppo = json.loads((tmp_path / "results.json").read_text())[1]["metrics"]
     assert (ppo["reward_start"], ppo["reward_end"]) == (3.0, 8.0)  # means of steps 1-5 and 6-10
+    assert ppo["kl_end"] == pytest.approx(0.8)  # the KL to the reference over the last five
     assert "| ppo |" in table and (tmp_path / "results.md").read_text().strip() == table
     assert (tmp_path / "curves.png").stat().st_size > 0
 
@@ -101,7 +102,9 @@ def test_fast_pipeline_runs_every_stage_end_to_end(tmp_path):
                                          "ppo", "dpo", "orpo", "grpo", "rag", "tools_before", "tools"]
     metrics = {r["name"]: r["metrics"] for r in rows}
     assert {"perplexity", "mcq_accuracy"} <= set(metrics["pt"]) and "rm_accuracy" in metrics["rm"]
-    assert {"reward_start", "reward_end"} <= set(metrics["ppo"]) and "answer_accuracy" in metrics["grpo"]
+    assert {"reward_start", "reward_end", "kl_end"} <= set(metrics["ppo"]) and "answer_accuracy" in metrics["grpo"]
+    held_out_reward = {"heldout_reward", "reference_reward", "answer_tokens"}  # PPO's start (SFT) and end
+    assert held_out_reward <= set(metrics["rm"]) and held_out_reward | {"answer_accuracy"} <= set(metrics["ppo"])
     assert {"preference_accuracy", "implicit_reward_accuracy"} <= set(metrics["dpo"]) & set(metrics["orpo"])
     students = ("student", "distill", "student_sft")
     assert all({"teacher_kl", "answer_accuracy"} <= set(metrics[name]) for name in students)

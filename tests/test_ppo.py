@@ -155,3 +155,37 @@ def test_critic_from_the_reward_model(tiny_model_dir, tmp_path):
         parts = [entry["score/reward_model"], entry["score/missing_eos_penalty"]]
         assert sum(parts) == pytest.approx(entry["reward"], abs=1e-5)
     assert (tmp_path / "ppo" / "checkpoint-2" / "critic" / "adapter_model.safetensors").exists()
+
+
+def test_ppo_reads_the_reward_where_training_and_evaluation_read_it(tiny_model_dir, tokenizer):
+    """The reward model learns and is evaluated on right-padded prompt + answer + end-of-turn token; PPO scores
+    left-padded rollouts whose tokens after the stop are masked. All must read the score at the end-of-turn token."""
+    from transformers import AutoModelForSequenceClassification
+    from trl.trainer.reward_trainer import DataCollatorForPreference
+
+    from medicalgpt.evaluation import reward_scores
+    from medicalgpt.generation import left_padded
+
+    reward_model = AutoModelForSequenceClassification.from_pretrained(
+        tiny_model_dir, num_labels=1, pad_token_id=tokenizer.pad_token_id).eval()
+    end, pad = tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.pad_token_id
+    prompts, answers = [[5, 6, 7], [8, 9]], [[10, 11, end], [12, end]]
+    sampled_after_stop = [[], [13]]  # generation runs on in the batch after a row's stop token
+    padded = left_padded(prompts, pad, "cpu")
+    responses = torch.tensor([a + s for a, s in zip(answers, sampled_after_stop, strict=True)])
+    response_mask = torch.tensor([[1.0] * len(a) + [0.0] * len(s) for a, s in zip(answers, sampled_after_stop,
+                                                                                    strict=True)])
+    attention_mask = torch.cat([padded["attention_mask"].float(), response_mask], dim=1)
+    batch = {"input_ids": torch.cat([padded["input_ids"], responses], dim=1), "attention_mask": attention_mask,
+             "position_ids": ppo.position_ids(attention_mask), "texts": ["", ""], "ended": torch.tensor([True, True])}
+    references, args = [{"prompt": "", "answer": ""}] * 2, ppo.PPOArguments(missing_eos_penalty=0)
+    sequences = [p + a for p, a in zip(prompts, answers, strict=True)]
+    training_batch = DataCollatorForPreference(pad)([{"chosen_ids": sequences[0], "rejected_ids": sequences[1]}])
+    with torch.no_grad():
+        in_ppo, _ = ppo.score(batch, reward_model, [], references, args, pad)
+        in_training = reward_model(**training_batch).logits[:, 0]
+    as_evaluated = reward_scores(reward_model, sequences, pad)
+    torch.testing.assert_close(in_ppo, as_evaluated, atol=1e-5, rtol=0)
+    torch.testing.assert_close(in_training, as_evaluated, atol=1e-5, rtol=0)
+    without_end = reward_scores(reward_model, [p + a[:-1] for p, a in zip(prompts, answers, strict=True)], pad)
+    assert not torch.allclose(as_evaluated, without_end, atol=1e-3)  # the position matters: the test can fail

@@ -14,6 +14,7 @@ import kto_training
 import orpo_training
 import reward_modeling
 import validate_data
+from medicalgpt.args import DataArguments, ModelArguments
 from medicalgpt.data import (
     DataError,
     LengthLimits,
@@ -23,7 +24,9 @@ from medicalgpt.data import (
     to_preference,
     to_unpaired,
 )
-from medicalgpt.templates import IGNORE_INDEX, get_template
+from medicalgpt.evaluation import reward_model_accuracy
+from medicalgpt.modeling import load_reward_model
+from medicalgpt.templates import IGNORE_INDEX, get_template, resolve_template
 
 # Sized for a constant start: the stage configs' warm-up would take most of these short runs.
 FAST = ["--report_to", "none", "--logging_steps", "1", "--save_strategy", "no", "--disable_tqdm", "True",
@@ -35,9 +38,7 @@ MEDICALGPT_PAIR = {"conversations": [{"from": "human", "value": "痛风急性发
                    "chosen": "秋水仙碱。", "rejected": "阿莫西林。"}
 
 
-def data_args(path: str):
-    from medicalgpt.args import DataArguments
-
+def data_args(path: str) -> DataArguments:
     return DataArguments(train_file_dir=path, validation_split_percentage=0)
 
 
@@ -188,23 +189,33 @@ def test_validate_data_checks_at_the_stages_default_max_length(stage, tiny_model
 
 # --- stages ---------------------------------------------------------------------------------------------------------
 
-def write_separable_pairs(directory, count: int) -> str:
+def write_separable_pairs(directory, count: int, first: int = 0) -> str:
     """Pairs a reward model can learn to separate quickly: a fixed good answer against a fixed bad one."""
     rows = [{"conversations": [{"from": "human", "value": f"病例{i}应该怎么处理？"}],
-             "chosen": "建议尽快就医，遵医嘱规范治疗。", "rejected": "不用管，自己会好的。"} for i in range(count)]
+             "chosen": "建议尽快就医，遵医嘱规范治疗。", "rejected": "不用管，自己会好的。"}
+            for i in range(first, first + count)]
     directory.mkdir()
     (directory / "pairs.jsonl").write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n")
     return str(directory)
 
 
-def test_reward_model_separates_held_out_pairs(tiny_model_dir, tmp_path):
-    train, valid = write_separable_pairs(tmp_path / "train", 64), write_separable_pairs(tmp_path / "valid", 16)
+def test_reward_model_separates_held_out_pairs(tiny_model_dir, tokenizer, tmp_path):
+    train = write_separable_pairs(tmp_path / "train", 64)
+    valid = write_separable_pairs(tmp_path / "valid", 16, first=64)  # questions the training pairs never ask
     metrics = reward_modeling.main(["--model_name_or_path", tiny_model_dir, "--output_dir", str(tmp_path / "rm"),
                                     "--train_file_dir", train, "--validation_file_dir", valid, *FAST,
                                     "--max_steps", "24", "--learning_rate", "5e-3", "--lora_rank", "8"])
     assert metrics["eval_accuracy"] > 0.9 and metrics["eval_margin"] > 0
     saved = json.loads((tmp_path / "rm" / "adapter_config.json").read_text())
     assert saved["task_type"] == "SEQ_CLS" and "score" in saved["modules_to_save"]
+    # The trained score head is saved with the adapter and loaded back: what evaluate_model.py and PPO load scores the
+    # held-out pairs exactly as the trainer did.
+    reloaded = load_reward_model(str(tmp_path / "rm"), ModelArguments(model_name_or_path=tiny_model_dir))
+    pairs = build_preference_splits(load_splits(data_args(valid), to_preference), tokenizer,
+                                    resolve_template(tokenizer, None))["train"]
+    result = reward_model_accuracy(reloaded, pairs, tokenizer.pad_token_id)
+    assert result["accuracy"] == metrics["eval_accuracy"]
+    assert result["margin"] == pytest.approx(metrics["eval_margin"], abs=1e-4)
 
 
 def test_dpo_with_lora_has_no_reference_copy_and_learns(tiny_model_dir, tmp_path, monkeypatch):

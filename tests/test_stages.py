@@ -2,6 +2,7 @@
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -15,7 +16,8 @@ from evaluate_model import text_perplexity
 from medicalgpt.args import LoraArguments, ModelArguments, SFTDataArguments, parse_args
 from medicalgpt.data import build_sft_splits, pack_sft_splits
 from medicalgpt.data.collators import PackedRowsCollator
-from medicalgpt.errors import run_cli
+from medicalgpt.data.processors import prompt_and_response
+from medicalgpt.errors import UsageError, run_cli
 from medicalgpt.generation import generate
 from medicalgpt.modeling import load_for_inference, load_tokenizer
 from medicalgpt.templates import IGNORE_INDEX, get_template
@@ -204,3 +206,29 @@ def test_evaluate_appends_rows_and_prints_the_table(tiny_model_dir, tmp_path, ca
     assert len(row["samples"]) == 2 and row["samples"][0]["reference"]
     out = capsys.readouterr().out
     assert "| first | " in out and "| second | " in out and "reference: " in out
+
+
+def test_held_out_reward_scores_the_answers_and_the_references(tiny_model_dir, tmp_path, monkeypatch):
+    """--reward_file: the reward model's mean score of the model's greedy answers and of the reference answers, and
+    the answers' length. With a reward model that scores a sequence by its length, the tiny model's answers (cut at
+    4 tokens) score below the long references."""
+    import evaluate_model
+
+    class LengthReward(torch.nn.Module):
+        device = torch.device("cpu")
+
+        def forward(self, input_ids, attention_mask):
+            return SimpleNamespace(logits=attention_mask.sum(1, keepdim=True).float())
+
+    monkeypatch.setattr(evaluate_model, "load_reward_model", lambda path, model_args: LengthReward())
+    common = ["--model_name_or_path", tiny_model_dir, "--max_new_tokens", "4"]
+    with pytest.raises(UsageError, match="pass --reward_model too"):
+        evaluate_main([*common, "--reward_file", "data/sft/validation"])
+    metrics = evaluate_main([*common, "--reward_file", "data/sft/validation", "--reward_model", "rm"])["metrics"]
+    tokenizer = load_tokenizer(ModelArguments(model_name_or_path=tiny_model_dir))
+    template = get_template("chatml")
+    conversations = [json.loads(line) for line in Path("data/sft/validation/sharegpt_medical.jsonl").open()]
+    lengths = [sum(map(len, prompt_and_response(tokenizer, template, [{"role": "user", "content": c["conversations"][0][
+        "value"]}], None, c["conversations"][1]["value"]))) for c in conversations]
+    assert metrics["reference_reward"] == pytest.approx(sum(lengths) / len(lengths))
+    assert metrics["answer_tokens"] <= 4 and metrics["heldout_reward"] < metrics["reference_reward"]
