@@ -107,7 +107,7 @@ def test_fast_pipeline_runs_every_stage_end_to_end(tmp_path):
     out = tmp_path / "run"
     rows = json.loads((out / "results.json").read_text())
     assert [r["name"] for r in rows] == ["base", "pt", "sft", "sft_no_pt", "student", "distill", "student_sft", "rm",
-                                         "ppo", "dpo", "orpo", "grpo", "rag", "tools_before", "tools"]
+                                         "ppo", "dpo", "orpo", "grpo_warmup", "grpo", "rag", "tools_before", "tools"]
     metrics = {r["name"]: r["metrics"] for r in rows}
     assert {"perplexity", "mcq_accuracy"} <= set(metrics["pt"]) and "rm_accuracy" in metrics["rm"]
     assert {"reward_start", "reward_end"} <= set(metrics["ppo"]) and "answer_accuracy" in metrics["grpo"]
