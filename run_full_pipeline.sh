@@ -20,7 +20,7 @@ if [ "${FAST:-0}" = 1 ]; then   # a smoke run: a few steps of every stage
     EVAL=(--max_new_tokens 8) MODEL_SIZE=tiny STUDENT_LAYERS=0   # the tiny model has 2 layers
 else
     PT=(--num_train_epochs 30) SFT=(--num_train_epochs 4) PREF=(--num_train_epochs 2) DPO=(--num_train_epochs 3)
-    RL=(--max_steps 40) GRPO_WARMUP=(--num_train_epochs 2) GRPO=(--max_steps 60) DISTILL=(--max_steps 120)
+    RL=(--max_steps 40) GRPO_WARMUP=(--num_train_epochs 6) GRPO=(--max_steps 60) DISTILL=(--max_steps 120)
     STUDENT_SFT=(--num_train_epochs 1)
     TOOLS=(--max_steps 80) TOOL_TOKENS=96
     EVAL=() MODEL_SIZE=default STUDENT_LAYERS=0,3   # the first and last of 4
@@ -108,7 +108,7 @@ stage "GRPO from the SFT model: SFT on data/grpo/train's answers (the form GRPO 
 # teaches the form first and GRPO continues the same adapter (docs/main-job.md).
 python supervised_finetuning.py --model_name_or_path "$OUT/sft-merged" --output_dir "$OUT/grpo_warmup" \
     --train_file_dir data/grpo/train --validation_split_percentage 0 --lora_rank 16 --lora_alpha 32 \
-    --learning_rate 1e-3 --per_device_train_batch_size 8 "${TUNED[@]}" "${GRPO_WARMUP[@]}"
+    --learning_rate 2e-3 --per_device_train_batch_size 8 "${TUNED[@]}" "${GRPO_WARMUP[@]}"
 evaluate --name grpo_warmup --model_name_or_path "$OUT/sft-merged" --lora_model "$OUT/grpo_warmup" \
     --answer_file data/grpo/validation
 python grpo_training.py --model_name_or_path "$OUT/sft-merged" --peft_path "$OUT/grpo_warmup" --output_dir "$OUT/grpo" \
