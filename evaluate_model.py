@@ -4,9 +4,10 @@ Metrics (each from its own flag):
 - perplexity on text (--perplexity_files), token-level;
 - multiple-choice accuracy (--mcq_file: question / options / answer, the shape of MedQA, CMExam, CMB):
   by option log-likelihood (--mcq_mode loglik) and/or by generating and parsing a letter (generate);
-- preference accuracy on chosen/rejected pairs (--preference_file): the policy's preference (mean token
-  log-probability), plus DPO's implicit reward against the reference (--implicit_reward); or a reward model's
-  pairwise accuracy and margin (--reward_model);
+- preference accuracy on chosen/rejected pairs (--preference_file): the policy's preference by mean token
+  log-probability (preference_accuracy, length-normalised) and by summed log-probability
+  (preference_accuracy_summed), plus DPO's implicit reward against the reference (--implicit_reward); or a reward
+  model's pairwise accuracy and margin (--reward_model);
 - a reward model's mean score of the model's greedy answers to held-out questions (--reward_file, with
   --reward_model), beside its mean score of their reference answers (the ceiling) and the answers' mean length;
 - answer accuracy on questions with verifiable answers (--answer_file, GRPO's format), generated and scored
@@ -201,7 +202,9 @@ def preference_metrics(model, model_args, tokenizer, template, args: EvalArgumen
     if args.reward_model:
         reward_model = load_reward_model(args.reward_model, model_args)
         return {f"rm_{k}": v for k, v in reward_model_accuracy(reward_model, pairs, tokenizer.pad_token_id).items()}
-    metrics = {"preference_accuracy": preference_accuracy(model, pairs, args.batch_size)["accuracy"]}
+    metrics = {"preference_accuracy": preference_accuracy(model, pairs, args.batch_size)["accuracy"],
+               "preference_accuracy_summed": preference_accuracy(model, pairs, args.batch_size,
+                                                                 per_token=False)["accuracy"]}
     if args.implicit_reward:
         reference = load_model(replace(model_args, model_name_or_path=args.ref_model)).eval() \
             if args.ref_model else "adapter"

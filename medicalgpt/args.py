@@ -134,6 +134,14 @@ class PreferenceDataArguments(ChatDataArguments):
 
 
 @dataclass
+class EarlyStoppingArguments:
+    early_stopping_patience: int | None = field(default=None, metadata={
+        "help": "Stop when this many evaluations in a row bring no better --metric_for_best_model (eval loss unless "
+                "set); needs --load_best_model_at_end True (with --save_strategy equal to --eval_strategy), which "
+                "saves the best checkpoint's weights, not the last."})
+
+
+@dataclass
 class RunArguments:
     """Flags of every training stage: parse_args accepts them wherever a group has resume_from_checkpoint (the
     trainer's config, PPO's arguments) and sets them on that group. transformers 5 dropped
@@ -235,7 +243,7 @@ def flag_reference(dataclass_type: type) -> str:
 def flag_reference_markdown() -> str:
     """The flag reference of every shared argument group, as docs/flags.md shows it."""
     groups = (ModelArguments, LoraArguments, DataArguments, StreamingArguments, PretrainDataArguments,
-              ChatDataArguments, SFTDataArguments, PreferenceDataArguments, RunArguments)
+              ChatDataArguments, SFTDataArguments, PreferenceDataArguments, EarlyStoppingArguments, RunArguments)
     return "\n\n".join(f"#### {group.__name__}\n\n{flag_reference(group)}" for group in groups)
 
 

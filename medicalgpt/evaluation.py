@@ -70,16 +70,19 @@ def mcq_loglik_accuracy(model, tokenizer, template, records: list[dict], batch_s
     return correct / len(records)
 
 
-def preference_accuracy(model, pairs, batch_size: int = 8, reference=None) -> dict:
+def preference_accuracy(model, pairs, batch_size: int = 8, reference=None, per_token: bool = True) -> dict:
     """How often a policy prefers the chosen answer, with the mean margin.
 
-    Without a reference the score is the answer's mean token log-probability (a policy's preference); with one
-    (a model, or "adapter" for the policy with its LoRA adapter disabled) it is DPO's implicit reward
-    log π(y|x) - log π_ref(y|x).
+    Without a reference the score is the answer's log-probability: its mean over the answer's tokens (per_token,
+    so that a longer answer is not penalised for its length), or its sum (the sequence's probability, which DPO
+    raises); with a reference (a model, or "adapter" for the policy with its LoRA adapter disabled) it is DPO's
+    implicit reward log π(y|x) - log π_ref(y|x), summed.
     """
+    normalised = per_token and reference is None
+
     def scores(column: str, scorer) -> torch.Tensor:
         results = answer_logprobs(scorer, list(zip(pairs["prompt_ids"], pairs[column], strict=True)), batch_size)
-        return torch.tensor([total if reference is not None else total / length for total, length in results])
+        return torch.tensor([total / length if normalised else total for total, length in results])
 
     def implicit(column: str) -> torch.Tensor:
         if reference is None:

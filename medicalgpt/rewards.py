@@ -16,6 +16,7 @@ import functools
 import importlib
 import re
 import unicodedata
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import field
 from typing import Any
@@ -45,6 +46,8 @@ _UNIT = "|".join(sorted(map(re.escape, MASS_IN_MG), key=len, reverse=True))  # l
 # An amount is a number with a mass unit; a rate such as "10 mg/kg" is not an amount.
 AMOUNT = re.compile(rf"(\d+(?:,\d{{3}})*(?:\.\d+)?)\s*({_UNIT})(?![A-Za-z])(?!\s*/)")
 RELATIVE_TOLERANCE = 0.01
+PARTIAL_CREDIT = 0.5  # the most a wrong dose earns (numeric_closeness)
+WORD_OR_HAN = re.compile(r"[\u4e00-\u9fff]|[^\W\u4e00-\u9fff]+")
 LENGTH_TARGET = 1000
 DECIMAL_POINT = re.compile(r"(?<=\d)\.(?=\d)")
 
@@ -168,17 +171,65 @@ def numeric_match(text: str, reference: str) -> float | None:
     return 1.0 if given is not None and abs(given - expected) <= RELATIVE_TOLERANCE * abs(expected) else 0.0
 
 
-def answer_accuracy(completions: list, answer: list[str], **kwargs) -> list[float | None]:
-    """Mixed verifiable answers: per sample, choice_accuracy when the reference is option letters, numeric_match
-    when it is a mass amount, answer_match otherwise (the shipped data/grpo sets mix all three)."""
-    rewards = []
+def answer_words(text: str) -> list[str]:
+    """An answer's words for overlap: Latin words and numbers, and each Han character on its own (Chinese has no
+    spaces), case-folded and NFKC-normalised."""
+    return WORD_OR_HAN.findall(unicodedata.normalize("NFKC", text).casefold())
+
+
+@per_sample
+def answer_overlap(text: str, reference: str) -> float | None:
+    """Short free-text answers with partial credit: the F1 of the answer's words against the reference's (SQuAD's
+    measure; Han characters count as words, see `answer_words`), 1.0 for an exact match. "serum TSH test" against
+    "serum TSH and free T4 test" scores 0.67 where answer_match gives 0. None when the reference has no words."""
+    expected, given = Counter(answer_words(reference)), Counter(answer_words(answer_part(text)))
+    if not expected:
+        return None
+    common = sum((expected & given).values())
+    if not common:
+        return 0.0
+    precision, recall = common / sum(given.values()), common / sum(expected.values())
+    return 2 * precision * recall / (precision + recall)
+
+
+@per_sample
+def numeric_closeness(text: str, reference: str) -> float | None:
+    """Dose calculations with partial credit: 1.0 within 1% like numeric_match; otherwise an amount with a mass unit
+    earns half of how close it is, 0.5 * max(0, 1 - relative error), so 500 mg against 840 mg scores 0.30 and
+    an answer without an amount 0.0. None when the reference holds no mass amount."""
+    expected = amount_in_mg(reference)
+    if expected is None:
+        return None
+    given = amount_in_mg(answer_part(text))
+    if given is None:
+        return 0.0
+    error = abs(given - expected) / abs(expected)
+    return 1.0 if error <= RELATIVE_TOLERANCE else PARTIAL_CREDIT * max(0.0, 1.0 - error)
+
+
+def first_applicable(rewards: tuple[Callable[..., list], ...], completions: list, answer: list[str]) -> list:
+    """Per sample, the first of `rewards` that applies to its reference (not None)."""
+    scores = []
     for completion, reference in zip(completions, answer):
-        for reward in (choice_accuracy, numeric_match, answer_match):
+        for reward in rewards:
             value = reward([completion], [reference])[0]
             if value is not None:
                 break
-        rewards.append(value)
-    return rewards
+        scores.append(value)
+    return scores
+
+
+def answer_accuracy(completions: list, answer: list[str], **kwargs) -> list[float | None]:
+    """Mixed verifiable answers: per sample, choice_accuracy when the reference is option letters, numeric_match
+    when it is a mass amount, answer_match otherwise (the shipped data/grpo sets mix all three)."""
+    return first_applicable((choice_accuracy, numeric_match, answer_match), completions, answer)
+
+
+def answer_partial_credit(completions: list, answer: list[str], **kwargs) -> list[float | None]:
+    """answer_accuracy's denser twin for GRPO training: choice_accuracy for option letters, numeric_closeness for
+    mass amounts, answer_overlap for free text. A right answer scores 1.0 as in answer_accuracy, and a near miss
+    scores more than a far one, so a group in which no completion is right still has something to learn from."""
+    return first_applicable((choice_accuracy, numeric_closeness, answer_overlap), completions, answer)
 
 
 def length_penalty(completions: list, target_length: int = LENGTH_TARGET, **kwargs) -> list[float]:
@@ -193,7 +244,8 @@ def length_penalty(completions: list, target_length: int = LENGTH_TARGET, **kwar
 
 REWARD_FUNCTIONS: dict[str, Callable[..., list]] = {
     reward.__name__: reward
-    for reward in (format_reward, answer_accuracy, choice_accuracy, answer_match, numeric_match, length_penalty)
+    for reward in (format_reward, answer_accuracy, answer_partial_credit, choice_accuracy, answer_match, numeric_match,
+                   answer_overlap, numeric_closeness, length_penalty)
 }
 
 

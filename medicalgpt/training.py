@@ -17,7 +17,7 @@ from typing import NoReturn
 import torch
 import transformers
 from datasets import DatasetDict, IterableDatasetDict
-from transformers import Trainer, TrainerCallback, set_seed
+from transformers import EarlyStoppingCallback, Trainer, TrainerCallback, set_seed
 from transformers.trainer_utils import IntervalStrategy, sort_checkpoints
 
 from medicalgpt.data import LengthLimits, build_preference_splits, load_splits, to_preference
@@ -233,6 +233,19 @@ class StopOnSignal(TrainerCallback):
         if self.requested(args.device) and state.global_step < state.max_steps:  # on the last step: just finish
             control.should_save = control.should_training_stop = True
             self.stopped_at = state.global_step
+
+
+def early_stopping(patience: int | None, training_args) -> list[TrainerCallback]:
+    """The callbacks for --early_stopping_patience: none without it. Stopping early only pays with the best
+    checkpoint restored at the end, so the flag requires --load_best_model_at_end."""
+    if patience is None:
+        return []
+    if patience < 1:
+        raise UsageError(f"--early_stopping_patience {patience}: expected a number of evaluations, 1 or more")
+    if not training_args.load_best_model_at_end:
+        raise UsageError("--early_stopping_patience needs --load_best_model_at_end True (and --save_strategy equal "
+                         "to --eval_strategy), so that the best checkpoint, not the last, is saved")
+    return [EarlyStoppingCallback(patience)]
 
 
 def with_perplexity(metrics: dict, prefix: str) -> dict:

@@ -73,6 +73,16 @@ def test_alpaca_history_input_and_system():
     assert messages[3]["content"] == "Name the exam.\nAsthma"
 
 
+def test_a_question_with_its_answer_is_one_exchange():
+    """GRPO's question/answer files train SFT on the answer format (the main job's GRPO warm-up)."""
+    record = {"question": "Which drug?", "options": {"A": "aspirin", "B": "omeprazole"}, "answer": "B"}
+    question = "Which drug?\nA. aspirin\nB. omeprazole"
+    assert to_conversation(record)["messages"] == [{"role": "user", "content": question},
+                                                   {"role": "assistant", "content": "B"}]
+    with pytest.raises(DataError, match="answer: missing"):
+        to_conversation({"question": "Which drug?"})
+
+
 @pytest.mark.parametrize("record, message", [
     ({"conversations": [{"from": "doctor", "value": "x"}]}, "conversations[0].from: unknown role 'doctor'"),
     ({"conversations": [{"from": "human", "value": "q"}]}, "must end with an assistant turn"),

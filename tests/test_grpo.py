@@ -18,11 +18,14 @@ from medicalgpt.rewards import (
     THINK_ANSWER_PROMPT,
     answer_accuracy,
     answer_match,
+    answer_overlap,
+    answer_partial_credit,
     choice_accuracy,
     completion_text,
     format_reward,
     length_penalty,
     load_reward_functions,
+    numeric_closeness,
     numeric_match,
 )
 
@@ -107,6 +110,20 @@ def test_answer_accuracy_dispatches_on_the_reference_and_length_penalty():
                    chat("<answer>C</answer>")]
     assert answer_accuracy(completions, answer=["D", "360 mg", "眼压测量", "360 mg"]) == [1.0, 1.0, 1.0, 0.0]
     assert length_penalty(["x" * 1000, "x" * 1500, "x" * 9000]) == [0.0, -0.5, -1.0]
+
+
+def test_partial_credit_ranks_near_misses_above_far_ones():
+    assert scores(answer_overlap, ["serum TSH and free T4 test", "<answer>serum TSH test</answer>", "TSH", "MRI"],
+                  "serum TSH and free T4 test") == pytest.approx([1.0, 2 / 3, 2 / 7, 0.0])
+    assert scores(answer_overlap, ["奥美拉唑", "奥美", "阿莫西林"], "奥美拉唑") == pytest.approx([1.0, 2 / 3, 0.0])
+    assert scores(numeric_closeness, ["0.84 g", "800 mg", "420 mg", "2000 mg", "840", "840 mL"], "840 mg") == \
+        pytest.approx([1.0, 0.5 * (1 - 40 / 840), 0.25, 0.0, 0.0, 0.0])
+    # Right answers score 1.0 as in answer_accuracy; letters stay all-or-nothing (no credit for hedging "AD").
+    completions = [chat(text) for text in ("D", "AD", "360 mg", "300 mg", "眼压测量", "眼压")]
+    references = ["D", "D", "360 mg", "360 mg", "眼压测量", "眼压测量"]
+    assert answer_partial_credit(completions, answer=references) == pytest.approx([1.0, 0.0, 1.0, 0.5 * 5 / 6, 1.0,
+                                                                                   2 / 3])
+    assert answer_accuracy(completions, answer=references) == [1.0, 0.0, 1.0, 0.0, 1.0, 0.0]
 
 
 def test_reward_functions_load_by_name_or_module_function():

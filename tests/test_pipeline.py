@@ -63,6 +63,15 @@ def test_preference_and_reward_model_accuracy_follow_the_scores(tokenizer):
     assert reward_model_accuracy(LengthReward(), longer, pad_token_id=0) == {"accuracy": 1.0, "margin": 2.0}
 
 
+def test_per_token_preference_does_not_penalise_a_longer_answer():
+    """Chosen: three likely tokens and one unlikely; rejected: the unlikely one alone. Per token the chosen answer
+    is far more likely; summed, its extra tokens make it less likely."""
+    pairs = Dataset.from_list([{"prompt_ids": [1, 2], "chosen_ids": [5, 6, 5, 9], "rejected_ids": [9]}])
+    model = Forced(50, [5, 6])
+    assert preference_accuracy(model, pairs)["accuracy"] == 1.0
+    assert preference_accuracy(model, pairs, per_token=False)["accuracy"] == 0.0
+
+
 def test_implicit_reward_is_the_log_prob_gain_over_the_reference(tokenizer):
     good, bad = (tokenizer(text, add_special_tokens=False)["input_ids"] for text in ("秋水仙碱", "阿莫西林"))
     pairs = Dataset.from_list([{"prompt_ids": [1, 2], "chosen_ids": good, "rejected_ids": bad}])
@@ -99,13 +108,14 @@ def test_fast_pipeline_runs_every_stage_end_to_end(tmp_path):
     out = tmp_path / "run"
     rows = json.loads((out / "results.json").read_text())
     assert [r["name"] for r in rows] == ["base", "pt", "sft", "sft_no_pt", "student", "distill", "student_sft", "rm",
-                                         "ppo", "dpo", "orpo", "grpo", "rag", "tools_before", "tools"]
+                                         "ppo", "dpo", "orpo", "grpo_warmup", "grpo", "rag", "tools_before", "tools"]
     metrics = {r["name"]: r["metrics"] for r in rows}
     assert {"perplexity", "mcq_accuracy"} <= set(metrics["pt"]) and "rm_accuracy" in metrics["rm"]
     assert {"reward_start", "reward_end", "kl_end"} <= set(metrics["ppo"]) and "answer_accuracy" in metrics["grpo"]
     held_out_reward = {"heldout_reward", "reference_reward", "answer_tokens"}  # PPO's start (SFT) and end
     assert held_out_reward <= set(metrics["rm"]) and held_out_reward | {"answer_accuracy"} <= set(metrics["ppo"])
-    assert {"preference_accuracy", "implicit_reward_accuracy"} <= set(metrics["dpo"]) & set(metrics["orpo"])
+    preference = {"preference_accuracy", "preference_accuracy_summed", "implicit_reward_accuracy"}
+    assert preference <= set(metrics["dpo"]) & set(metrics["orpo"])
     students = ("student", "distill", "student_sft")
     assert all({"teacher_kl", "answer_accuracy"} <= set(metrics[name]) for name in students)
     assert metrics["rag"]["rag_recall@3"] == 1.0 and {"answer_accuracy_rag", "answer_accuracy_no_rag"} <= set(

@@ -167,6 +167,28 @@ def test_resume_from_checkpoint_auto(tiny_model_dir, tmp_path, caplog):
     assert state["global_step"] == 6 and f"Resuming from {tmp_path / 'checkpoint-4'}" in caplog.text
 
 
+def test_early_stopping_saves_the_best_checkpoint(tiny_model_dir, tmp_path):
+    """A large learning rate on a few blocks overfits: training stops --early_stopping_patience evaluations after
+    the lowest held-out loss, and the saved model is that checkpoint's, not the last step's."""
+    metrics = pretraining.main(["--model_name_or_path", tiny_model_dir, "--output_dir", str(tmp_path), *PT_DATA,
+                                *FAST, "--use_peft", "False", "--max_train_samples", "40", "--learning_rate", "1e-2",
+                                "--max_steps", "60", "--eval_strategy", "steps", "--eval_steps", "3",
+                                "--save_strategy", "steps", "--save_steps", "3", "--save_total_limit", "1",
+                                "--load_best_model_at_end", "True", "--early_stopping_patience", "2"])
+    state = json.loads((tmp_path / "trainer_state.json").read_text())
+    losses = {log["step"]: log["eval_loss"] for log in state["log_history"] if "eval_loss" in log}
+    best_step = min(losses, key=losses.get)
+    assert state["global_step"] < 60 and state["global_step"] == best_step + 2 * 3  # stopped 2 evaluations later
+    assert max(losses.values()) > losses[best_step]  # held-out loss did rise after the best point
+    assert metrics["eval_loss"] == pytest.approx(losses[best_step], rel=1e-4)  # the best weights were saved
+    assert state["best_model_checkpoint"].endswith(f"checkpoint-{best_step}")
+
+
+def test_early_stopping_without_the_best_checkpoint_is_refused(tmp_path):
+    with pytest.raises(UsageError, match="needs --load_best_model_at_end True"):
+        pretraining.main(["--output_dir", str(tmp_path), *PT_DATA, "--early_stopping_patience", "2"])
+
+
 def test_qlora_4bit_trains_on_cpu(tiny_model_dir, tmp_path):
     metrics = supervised_finetuning.main(["--model_name_or_path", tiny_model_dir, "--output_dir", str(tmp_path),
                                           *SFT_DATA, *FAST, "--load_in_4bit", "--dtype", "bfloat16",

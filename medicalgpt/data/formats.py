@@ -160,16 +160,22 @@ def _alpaca(record: dict) -> list[dict]:
     return messages
 
 
+def _question_answer(record: dict) -> list[dict]:
+    """A question with its reference answer (GRPO's files) as one exchange: SFT on the answer format GRPO rewards."""
+    return [{"role": "user", "content": _question_prompt(record)},
+            {"role": "assistant", "content": _reference_answer(record)}]
+
+
 CONVERTERS = {"sharegpt": (_sharegpt, "conversations"), "openai": (_openai, "messages"),
-              "alpaca": (_alpaca, "messages")}
+              "alpaca": (_alpaca, "messages"), "question": (_question_answer, "question")}
 
 
 def to_conversation(record: object) -> dict:
-    """A ShareGPT, OpenAI-messages or Alpaca record as {"messages": [...], "tools": str}."""
+    """A ShareGPT, OpenAI-messages, Alpaca or question/answer record as {"messages": [...], "tools": str}."""
     kind = detect_format(record)
     if kind not in CONVERTERS:
-        raise DataError(f"{FORMAT_KEYS[kind]}: a {kind} record where a conversation (conversations, messages or "
-                        "instruction/output) was expected")
+        raise DataError(f"{FORMAT_KEYS[kind]}: a {kind} record where a conversation (conversations, messages, "
+                        "instruction/output or question/answer) was expected")
     convert, field_name = CONVERTERS[kind]
     messages = convert(record)
     validate_turns(messages, field_name)
