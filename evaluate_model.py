@@ -202,9 +202,8 @@ def preference_metrics(model, model_args, tokenizer, template, args: EvalArgumen
     if args.reward_model:
         reward_model = load_reward_model(args.reward_model, model_args)
         return {f"rm_{k}": v for k, v in reward_model_accuracy(reward_model, pairs, tokenizer.pad_token_id).items()}
-    metrics = {"preference_accuracy": preference_accuracy(model, pairs, args.batch_size)["accuracy"],
-               "preference_accuracy_summed": preference_accuracy(model, pairs, args.batch_size,
-                                                                 per_token=False)["accuracy"]}
+    policy = preference_accuracy(model, pairs, args.batch_size)
+    metrics = {"preference_accuracy": policy["accuracy"], "preference_accuracy_summed": policy["summed_accuracy"]}
     if args.implicit_reward:
         reference = load_model(replace(model_args, model_name_or_path=args.ref_model)).eval() \
             if args.ref_model else "adapter"

@@ -70,32 +70,36 @@ def mcq_loglik_accuracy(model, tokenizer, template, records: list[dict], batch_s
     return correct / len(records)
 
 
-def preference_accuracy(model, pairs, batch_size: int = 8, reference=None, per_token: bool = True) -> dict:
+def preference_accuracy(model, pairs, batch_size: int = 8, reference=None) -> dict:
     """How often a policy prefers the chosen answer, with the mean margin.
 
-    Without a reference the score is the answer's log-probability: its mean over the answer's tokens (per_token,
-    so that a longer answer is not penalised for its length), or its sum (the sequence's probability, which DPO
-    raises); with a reference (a model, or "adapter" for the policy with its LoRA adapter disabled) it is DPO's
-    implicit reward log π(y|x) - log π_ref(y|x), summed.
+    Without a reference the score is the answer's mean token log-probability (accuracy, margin: a longer answer
+    is not penalised for its length), and from the same pass its summed log-probability (summed_accuracy,
+    summed_margin: the sequence's probability, which DPO raises); with a reference (a model, or "adapter" for the
+    policy with its LoRA adapter disabled) it is DPO's implicit reward log π(y|x) - log π_ref(y|x), summed.
     """
-    normalised = per_token and reference is None
+    def logprobs(column: str, scorer) -> torch.Tensor:
+        """Each answer's (summed log-probability, token count)."""
+        pairs_of_column = list(zip(pairs["prompt_ids"], pairs[column], strict=True))
+        return torch.tensor(answer_logprobs(scorer, pairs_of_column, batch_size), dtype=torch.float64)
 
-    def scores(column: str, scorer) -> torch.Tensor:
-        results = answer_logprobs(scorer, list(zip(pairs["prompt_ids"], pairs[column], strict=True)), batch_size)
-        return torch.tensor([total / length if normalised else total for total, length in results])
+    def summary(margin: torch.Tensor, prefix: str = "") -> dict:
+        return {f"{prefix}accuracy": (margin > 0).float().mean().item(), f"{prefix}margin": margin.mean().item()}
+
+    if reference is None:
+        chosen, rejected = logprobs("chosen_ids", model), logprobs("rejected_ids", model)
+        per_token = chosen[:, 0] / chosen[:, 1] - rejected[:, 0] / rejected[:, 1]
+        return {**summary(per_token), **summary(chosen[:, 0] - rejected[:, 0], "summed_")}
 
     def implicit(column: str) -> torch.Tensor:
-        if reference is None:
-            return scores(column, model)
         if reference == "adapter":
             with model.disable_adapter():
-                ref_scores = scores(column, model)
+                ref_scores = logprobs(column, model)[:, 0]
         else:
-            ref_scores = scores(column, reference)
-        return scores(column, model) - ref_scores
+            ref_scores = logprobs(column, reference)[:, 0]
+        return logprobs(column, model)[:, 0] - ref_scores
 
-    margin = implicit("chosen_ids") - implicit("rejected_ids")
-    return {"accuracy": (margin > 0).float().mean().item(), "margin": margin.mean().item()}
+    return summary(implicit("chosen_ids") - implicit("rejected_ids"))
 
 
 @torch.inference_mode()

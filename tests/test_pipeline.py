@@ -68,8 +68,9 @@ def test_per_token_preference_does_not_penalise_a_longer_answer():
     is far more likely; summed, its extra tokens make it less likely."""
     pairs = Dataset.from_list([{"prompt_ids": [1, 2], "chosen_ids": [5, 6, 5, 9], "rejected_ids": [9]}])
     model = Forced(50, [5, 6])
-    assert preference_accuracy(model, pairs)["accuracy"] == 1.0
-    assert preference_accuracy(model, pairs, per_token=False)["accuracy"] == 0.0
+    result = preference_accuracy(model, pairs)
+    assert result["accuracy"] == 1.0
+    assert result["summed_accuracy"] == 0.0
 
 
 def test_implicit_reward_is_the_log_prob_gain_over_the_reference(tokenizer):
