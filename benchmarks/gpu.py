@@ -9,14 +9,13 @@ no gradient checkpointing.
 """
 
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config
 
-from benchmarks.training import REPO, run_stage
+from benchmarks.training import REPO, matmul_peak_flops, run_stage
 from medicalgpt.default_model import ensure_default_model
 
 _QWEN2_5 = dict(max_position_embeddings=32768, rope_theta=1_000_000.0, rms_norm_eps=1e-6, hidden_act="silu")
@@ -43,25 +42,11 @@ def write_random_model(config: dict, output_dir: Path) -> str:
     return str(output_dir)
 
 
-def matmul_peak_flops(n: int = 8192, repeats: int = 10) -> float:
-    """bf16 FLOP/s of the fastest of `repeats` n×n matrix products on the GPU: the MFU denominator."""
-    a, b = (torch.randn(n, n, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-    a @ b  # warm-up: cuBLAS picks its kernel
-    best = float("inf")
-    for _ in range(repeats):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        a @ b
-        torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - start)
-    return 2 * n**3 / best
-
-
 def run_gpu_suite(quick: bool, save: Callable[[list[dict]], None] = lambda rows: None) -> list[dict]:
     """One row per (model shape, method): peak CUDA memory (GiB), tokens/s and, for full fine-tuning, MFU
     (6·N FLOPs per real token over the measured bf16 matmul peak). A failed run (out of memory, say) is a row
     with its error, and `save` gets the rows after each run, so a long suite keeps what it measured."""
-    peak = matmul_peak_flops()
+    peak = matmul_peak_flops(8192, repeats=10, device="cuda", dtype=torch.bfloat16)
     rows = []
     names = ["Qwen2.5-0.5B"] if quick else list(CONFIGS)
     for name in names:

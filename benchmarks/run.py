@@ -18,7 +18,6 @@ import os
 import platform
 import sys
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -97,21 +96,11 @@ def sft_table(section: dict) -> str:
     return "\n".join(lines)
 
 
-def matmul_peak_flops(n: int, repeats: int = 5) -> float:
-    """FLOP/s of the fastest of `repeats` n×n fp32 matrix products, on this process's threads."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b  # warm-up
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - start)
-    return 2 * n**3 / best
-
-
 def mfu_section(plan: Plan, workdir: Path, sft: dict) -> dict:
     """Model FLOPs utilisation of full fine-tuning: 6·N·(non-padding tokens/s) over the measured matmul peak."""
-    peak = matmul_peak_flops(512 if plan.quick else 2048)
+    from benchmarks.training import matmul_peak_flops
+
+    peak = matmul_peak_flops(512 if plan.quick else 2048, repeats=5)
     rows = [{"size": r["size"], "packing": r["packing"], "parameters": r["parameters"],
              "real_tokens_per_s": r["real_tokens"] / r["seconds"],
              "mfu": 6 * r["parameters"] * r["real_tokens"] / r["seconds"] / peak}

@@ -30,6 +30,22 @@ QUIET = ["--report_to", "none", "--save_strategy", "no", "--disable_tqdm", "True
          "--validation_split_percentage", "0", "--dataloader_num_workers", "0", "--seed", "42"]
 
 
+def matmul_peak_flops(n: int, repeats: int, device: str = "cpu", dtype: torch.dtype = torch.float32) -> float:
+    """FLOP/s of the fastest of `repeats` n×n matrix products on `device` (this process's threads on a CPU): the
+    MFU denominator. A GPU is synchronised around each product, which it otherwise only queues."""
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    a @ b  # warm-up (cuBLAS picks its kernel)
+    best = float("inf")
+    for _ in range(repeats):
+        sync()
+        start = time.perf_counter()
+        a @ b
+        sync()
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best
+
+
 def batch_tokens(inputs: dict) -> tuple[int, int, int]:
     """(total, real, useful) tokens of one causal-LM batch: padded size, non-padding, loss-bearing."""
     input_ids = inputs.get("input_ids")

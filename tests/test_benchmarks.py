@@ -159,7 +159,7 @@ def test_gpu_suite_keeps_going_past_a_failed_run(tmp_path, monkeypatch):
     (tmp_path / "models").mkdir()
     monkeypatch.setattr(gpu, "write_random_model", lambda config, output_dir: str(output_dir))
     monkeypatch.setattr(gpu, "run_stage", fake_run_stage)
-    monkeypatch.setattr(gpu, "matmul_peak_flops", lambda: 1e12)
+    monkeypatch.setattr(gpu, "matmul_peak_flops", lambda *args, **kwargs: 1e12)
     monkeypatch.setattr(gpu.torch.cuda, "get_device_name", lambda: "fake GPU")
     saved = []
     rows = gpu.run_gpu_suite(quick=True, save=lambda rows: saved.append(len(rows)))
