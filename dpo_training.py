@@ -24,15 +24,19 @@ from medicalgpt.training import STAGE_DEFAULTS, load_preference_inputs, prepare_
 
 
 @dataclass
-class ReferenceArguments:
+class DPOArguments:
     ref_model: str | None = field(default=None, metadata={
         "help": "Reference model path. Default: the base with the LoRA adapter disabled, or a frozen copy of the "
                 "starting model under full fine-tuning."})
+    half_batches: bool = field(default=False, metadata={
+        "help": "Run the policy's training forward as two half batches (chosen, then rejected): the activations of "
+                "an SFT step of the same batch size instead of twice that, for one more half-batch forward "
+                "(benchmarks/README.md has the time and memory figures). Off under --activation_checkpointing."})
 
 
 def main(argv: list[str] | None = None) -> dict:
-    model_args, lora_args, data_args, ref_args, training_args = parse_args(
-        (ModelArguments, LoraArguments, PreferenceDataArguments, ReferenceArguments, DPOConfig), argv,
+    model_args, lora_args, data_args, dpo_args, training_args = parse_args(
+        (ModelArguments, LoraArguments, PreferenceDataArguments, DPOArguments, DPOConfig), argv,
         defaults=STAGE_DEFAULTS,
         config=Path(__file__).with_name("configs") / "dpo.yaml")
     check_model_args(model_args, lora_args)
@@ -40,11 +44,12 @@ def main(argv: list[str] | None = None) -> dict:
 
     model, tokenizer, splits = load_preference_inputs(model_args, lora_args, data_args, training_args)
     ref_model = None
-    if ref_args.ref_model:
-        ref_model = load_model(replace(model_args, model_name_or_path=ref_args.ref_model))
+    if dpo_args.ref_model:
+        ref_model = load_model(replace(model_args, model_name_or_path=dpo_args.ref_model))
 
     trainer = TokenizedDPOTrainer(model=model, ref_model=ref_model, args=training_args, processing_class=tokenizer,
-                                  train_dataset=splits["train"], eval_dataset=splits.get("validation"))
+                                  train_dataset=splits["train"], eval_dataset=splits.get("validation"),
+                                  half_batches=dpo_args.half_batches)
     return train_and_save(trainer, resume, plotted=("loss", "rewards/margins"))
 
 

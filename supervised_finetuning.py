@@ -20,6 +20,7 @@ from medicalgpt.data import build_sft_splits, pack_sft_splits, sorted_by_length,
 from medicalgpt.data.collators import PackedRowsCollator
 from medicalgpt.errors import run_cli
 from medicalgpt.modeling import apply_lora, check_model_args, load_model, set_stop_tokens
+from medicalgpt.packed_attention import enable_packed_attention
 from medicalgpt.trainers import CPUFriendlySFTTrainer
 from medicalgpt.training import STAGE_DEFAULTS, check_streaming, load_chat_inputs, prepare_run, train_and_save
 
@@ -44,7 +45,10 @@ def main(argv: list[str] | None = None) -> dict:
             training_args.packing = False  # already packed: TRL must neither re-pack nor go padding-free
         elif "validation" in splits and not data_args.streaming:
             splits["validation"] = sorted_by_length(splits["validation"])
-    model = apply_lora(load_model(model_args), lora_args, training_args)
+    model = load_model(model_args)
+    if pack_rows:
+        enable_packed_attention(model, training_args.max_length)
+    model = apply_lora(model, lora_args, training_args)
     set_stop_tokens(model, tokenizer, template.stop_words)
 
     trainer = CPUFriendlySFTTrainer(model=model, args=training_args, processing_class=tokenizer,

@@ -26,6 +26,7 @@ CONFIGS = {
                                       "--packing", "False"]),
     "pt": ("pretraining", ["--train_file_dir", "{dir}/pt.txt", "--block_size", "128"]),
     "dpo": ("dpo_training", ["--train_file_dir", str(PAIRS)]),
+    "dpo_half_batches": ("dpo_training", ["--train_file_dir", str(PAIRS), "--half_batches", "True"]),
     "dpo_precomputed_ref": ("dpo_training", ["--train_file_dir", str(PAIRS), "--precompute_ref_log_probs", "True"]),
     "rm": ("reward_modeling", ["--train_file_dir", str(PAIRS)]),
     "distill": ("distillation_training", ["--train_file_dir", "{dir}/sft.jsonl", "--teacher_model_name_or_path",

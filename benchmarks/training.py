@@ -17,6 +17,8 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import medicalgpt.quiet  # noqa: F401  (before the libraries: it filters what they print on import)
+
 import torch
 from transformers import TrainerCallback
 
@@ -66,6 +68,8 @@ def batch_tokens(inputs: dict) -> tuple[int, int, int]:
     else:
         real = total
     labels = inputs.get("labels")
+    if labels is None and inputs.get("completion_mask") is not None:  # TRL's DPO batch: its labels come later
+        labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, IGNORE_INDEX)
     # The loss shifts labels by one: position t's label is predicted from position t - 1, so column 0 never counts.
     useful = int((labels[..., 1:] != IGNORE_INDEX).sum()) if labels is not None and labels.dim() == 2 else 0
     return total, real, useful
@@ -93,22 +97,42 @@ def profile_summary(profiler) -> dict:
 
 
 class Meter(TrainerCallback):
-    """Per-step wall time and tokens, and the peak memory of training alone; optionally a profile of steps 2-3."""
+    """Per-step wall time and tokens, and the peak memory of training alone; optionally a profile of steps 2-3.
 
-    def __init__(self, profile: bool = False):
+    Tokens are counted from what the model's forward receives, or with count_batches from each training batch as
+    transformers' Trainer.training_step receives it: for preference trainers that keep the labels out of the model
+    call (LLaMA-Factory's DPO), so that both tools' DPO steps are counted from the same place.
+    """
+
+    def __init__(self, profile: bool = False, count_batches: bool = False):
         self.tokens = [0, 0, 0]
         self.steps: list[tuple[float, list[int]]] = []  # (time at the end of the step, cumulative tokens)
         self.profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) if profile else None
         self.profile = None
+        self.count_batches = count_batches
+        if count_batches:
+            import transformers
+
+            training_step = transformers.Trainer.training_step
+
+            def counted_training_step(trainer, model, inputs, *args, **kwargs):
+                self.add(batch_tokens(inputs))
+                return training_step(trainer, model, inputs, *args, **kwargs)
+
+            transformers.Trainer.training_step = counted_training_step  # this process measures one run only
+
+    def add(self, tokens: tuple[int, int, int]) -> None:
+        self.tokens = [a + b for a, b in zip(self.tokens, tokens, strict=True)]
 
     def count(self, module, args, kwargs) -> None:
         # Not the reference model's or evaluation's forwards (no gradients), nor a checkpointed forward re-run
         # inside backward (graph task id -1: not inside backward).
         if module.training and torch.is_grad_enabled() and torch._C._current_graph_task_id() == -1:
-            self.tokens = [a + b for a, b in zip(self.tokens, batch_tokens(kwargs), strict=True)]
+            self.add(batch_tokens(kwargs))
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        model.register_forward_pre_hook(self.count, with_kwargs=True)
+        if not self.count_batches:
+            model.register_forward_pre_hook(self.count, with_kwargs=True)
         self.peak = PeakMemory().__enter__()
         self.start = time.perf_counter()
 
@@ -148,12 +172,12 @@ def peak_process_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports kB
 
 
-def train_in_process(stage: str, flags: list[str], profile: bool = False) -> dict:
+def train_in_process(stage: str, flags: list[str], profile: bool = False, count_batches: bool = False) -> dict:
     """Run `stage`'s main(flags) with the meter attached; its measurements and parameter counts."""
     from medicalgpt import training  # the stages' stack: imported only where a stage runs
     from tools.scripts import script_main
 
-    meter, trained = Meter(profile), {}
+    meter, trained = Meter(profile, count_batches), {}
     original = training.train_and_save
 
     def measured(trainer, resume, **kwargs):
@@ -171,15 +195,16 @@ def train_in_process(stage: str, flags: list[str], profile: bool = False) -> dic
     return {**meter.result(), **trained, "peak_mb": peak_process_mb()}
 
 
-def run_stage(stage: str, flags: list[str], output_dir: Path, isolate: bool = True, profile: bool = False) -> dict:
+def run_stage(stage: str, flags: list[str], output_dir: Path, isolate: bool = True, profile: bool = False,
+              count_batches: bool = False) -> dict:
     """Train `stage` with `flags` and measure it: in a fresh Python process when isolate (so the peak memory is this
     run's own), else in this one (a smoke run: no start-up cost, but the peak is the whole process's)."""
     flags = ["--output_dir", str(output_dir), *QUIET, *flags]
     if not isolate:
-        return {**train_in_process(stage, flags, profile), "isolated": False}
+        return {**train_in_process(stage, flags, profile, count_batches), "isolated": False}
     out = Path(output_dir) / "measurement.json"
-    command = [sys.executable, "-m", "benchmarks.training", stage, str(out), *(["--profile"] if profile else []),
-               "--", *flags]
+    options = [option for option, on in (("--profile", profile), ("--count_batches", count_batches)) if on]
+    command = [sys.executable, "-m", "benchmarks.training", stage, str(out), *options, "--", *flags]
     run = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
     if run.returncode != 0:
         raise RuntimeError(f"{stage} {' '.join(flags)} failed:\n{run.stdout[-2000:]}\n{run.stderr[-4000:]}")
@@ -189,7 +214,8 @@ def run_stage(stage: str, flags: list[str], output_dir: Path, isolate: bool = Tr
 def main() -> None:
     stage, out, *options = sys.argv[1:sys.argv.index("--")]
     flags = sys.argv[sys.argv.index("--") + 1:]
-    Path(out).write_text(json.dumps(train_in_process(stage, flags, profile="--profile" in options)))
+    Path(out).write_text(json.dumps(train_in_process(stage, flags, profile="--profile" in options,
+                                                     count_batches="--count_batches" in options)))
 
 
 if __name__ == "__main__":

@@ -5,9 +5,12 @@ these subclasses only skip each trainer's own tokenization of text; losses, refe
 and checkpointing stay TRL's.
 """
 
+import functools
+import types
+
 import torch
 from torch.utils.checkpoint import checkpoint
-from transformers import Trainer
+from transformers import PreTrainedModel, Trainer
 from trl import DPOTrainer, KTOTrainer, SFTTrainer
 from trl.experimental.cpo import CPOTrainer
 from trl.experimental.orpo import ORPOTrainer
@@ -15,20 +18,78 @@ from trl.trainer.utils import FusedCausalLMOutput
 
 from medicalgpt.templates import IGNORE_INDEX
 
+# Config fields by which TRL's fused head rescales or caps the logits (its add_fused_lm_head): the compact head
+# below does neither, so a model that sets one keeps TRL's head.
+LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier",
+                    "logits_scaling")
+
+
+def add_compact_lm_head(model: PreTrainedModel) -> None:
+    """Replace TRL's fused LM head on `model` (the CPU path): with fused_lm_head=True, only the labelled positions
+    are scored, in one product with the head, with TRL's FusedCausalLMOutput fields (log_probs with gradient; entropy,
+    mean_logits and is_top1 for the logs, without, and only unless logged_outputs=False).
+
+    Off a Triton device, TRL's head scores every position (prompt and padding too) in Python-looped vocabulary tiles
+    and recomputes them in backward; here the loss-bearing tokens (a third of a batch in SFT and DPO on our data)
+    are scored once, and their logits kept for backward (CPU memory is rarely what limits). Calls without
+    fused_lm_head run the model's own forward.
+    """
+    own_forward = type(model).forward
+
+    @functools.wraps(own_forward)
+    def forward(self, *args, fused_lm_head=False, labels=None, num_items_in_batch=None, logged_outputs=True,
+                **kwargs):
+        if not fused_lm_head:
+            extra = {k: v for k, v in (("labels", labels), ("num_items_in_batch", num_items_in_batch)) if v is not None}
+            return own_forward(self, *args, **extra, **kwargs)
+        hidden = self.base_model(*args, **{**kwargs, "use_cache": False}).last_hidden_state[:, :-1]
+        targets = labels[:, 1:]
+        mask = targets != IGNORE_INDEX
+        logits = self.get_output_embeddings()(hidden[mask])
+        log_p = logits.log_softmax(-1)  # one fused pass forward and one backward over (tokens, vocabulary)
+        log_probs = log_p.gather(-1, targets[mask][:, None])[:, 0]
+        entropy = mean_logits = is_top1 = None
+        if logged_outputs:
+            with torch.no_grad():
+                entropy = -(log_p.exp() * log_p).sum(-1)
+                mean_logits, is_top1 = logits.mean(-1), logits.argmax(-1) == targets[mask]
+        log_probs, entropy, mean_logits, is_top1 = (
+            None if x is None else x.new_zeros(mask.shape).masked_scatter(mask, x)
+            for x in (log_probs, entropy, mean_logits, is_top1))
+        count = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
+        return FusedCausalLMOutput(loss=-log_probs.sum() / count, log_probs=log_probs, entropy=entropy,
+                                   mean_logits=mean_logits, is_top1=is_top1, label_mask=mask)
+
+    model.forward = types.MethodType(forward, model)
+
+
+def use_compact_lm_head(trainer, *models) -> bool:
+    """On a CPU, give `models` (the trainer's policy and reference) the compact head instead of TRL's fused one;
+    whether it did. MoE models (their router loss) and models whose config rescales or caps the logits keep TRL's."""
+    config = trainer.model.config.get_text_config()
+    if (trainer.accelerator.device.type != "cpu" or trainer.aux_loss_enabled
+            or any(getattr(config, name, None) for name in LOGIT_TRANSFORMS)):
+        return False
+    for model in models:
+        if model is not None:
+            add_compact_lm_head(model.get_base_model() if hasattr(model, "get_base_model") else model)
+    return True
+
 
 class CPUFriendlySFTTrainer(SFTTrainer):
-    """TRL's SFTTrainer, but CPU training steps take the plain LM head and the model's own loss.
+    """TRL's SFTTrainer, with the compact LM head on a CPU (use_compact_lm_head), and there training steps compute
+    the loss alone: TRL's logs entropy and token accuracy every step, which over the vocabulary cost about as much
+    as the loss (6% of a step on MedicalGPT's SFT sample). Evaluation keeps them, and MoE models keep TRL's path."""
 
-    TRL's fused head saves GPU memory at 150k-token vocabularies by recomputing the head in backward, scoring every
-    position and computing entropy and top-1 accuracy for its logs; on CPU, with RAM to spare, that made SFT steps
-    slower (benchmarks/README.md, MFU). Evaluation and MoE models keep TRL's path.
-    """
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.compact_head = use_compact_lm_head(self, self.model)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        # MoE keeps TRL's path: it logs the router aux loss and scales it for gradient accumulation.
-        if not (self.args.use_cpu and model.training) or self.aux_loss_enabled:
+        if not (self.compact_head and model.training):
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        return Trainer.compute_loss(self, model, {**inputs, "use_cache": False}, return_outputs, num_items_in_batch)
+        return Trainer.compute_loss(self, model, {**inputs, "fused_lm_head": True, "logged_outputs": False},
+                                    return_outputs, num_items_in_batch)
 
 
 class _HalfBatches:
@@ -63,8 +124,14 @@ class _HalfBatches:
 
 
 class TokenizedDPOTrainer(DPOTrainer):
-    """DPO on prompt_ids / chosen_ids / rejected_ids, with the policy's training forward in two half batches
-    (_HalfBatches): peak memory near SFT's at the same batch size."""
+    """DPO on prompt_ids / chosen_ids / rejected_ids; with half_batches, the policy's training forward runs in two
+    half batches (_HalfBatches): peak memory near SFT's at the same batch size, for one more half-batch forward."""
+
+    def __init__(self, *args, half_batches: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.half_batches = half_batches
+        if not self.use_weighting:  # WPO weights need log_sum_sq_probs, which only TRL's head computes
+            use_compact_lm_head(self, self.model, self.ref_model)
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         return dataset
@@ -73,7 +140,7 @@ class TokenizedDPOTrainer(DPOTrainer):
         # Only the policy's own forward with gradients: the reference and evaluation forwards hold no activations,
         # an MoE router loss would need the whole batch's router logits, and under activation checkpointing the
         # activations are already small.
-        if (model.training and torch.is_grad_enabled() and not self.aux_loss_enabled
+        if (self.half_batches and model.training and torch.is_grad_enabled() and not self.aux_loss_enabled
                 and not self.args.activation_checkpointing):
             model = _HalfBatches(model)
         return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)

@@ -43,7 +43,7 @@ def test_quick_cpu_suite(tmp_path):
     assert sum(mfu["profile"]["share"].values()) == pytest.approx(1, abs=0.01)
 
     stages = {r["config"]: r for r in result["stages"]["rows"]}
-    assert set(stages) == {"sft", "pt", "dpo", "dpo_precomputed_ref", "rm", "distill"}
+    assert set(stages) == {"sft", "pt", "dpo", "dpo_half_batches", "dpo_precomputed_ref", "rm", "distill"}
     assert stages["sft"]["step_vs_sft"] == 1 and all(r["step_seconds"] > 0 for r in stages.values())
 
     files = len(list(preprocessing.SHIPPED.glob("*.jsonl")))  # the 1,000 quick records, split evenly over them
@@ -78,19 +78,25 @@ def test_gpu_suite_shapes_build(tmp_path):
 
 
 def test_llamafactory_gets_our_settings(tmp_path):
-    settings = llamafactory.settings(steps=5, packing=True)
-    theirs = llamafactory.their_config("m", tmp_path, tmp_path / "out", settings)
-    ours = llamafactory.our_flags("m", settings)
-    flag = dict(zip(ours[::2], ours[1::2], strict=True))
     pairs = [("cutoff_len", "--max_length"), ("per_device_train_batch_size", "--per_device_train_batch_size"),
              ("lora_rank", "--lora_rank"), ("lora_alpha", "--lora_alpha"), ("lora_dropout", "--lora_dropout"),
-             ("learning_rate", "--learning_rate"), ("max_steps", "--max_steps"), ("neat_packing", "--packing")]
-    assert all(str(theirs[key]) == flag[ours_key] for key, ours_key in pairs)
-    assert theirs["bf16"] is theirs["fp16"] is False
-    llamafactory.write_dataset(tmp_path)
+             ("learning_rate", "--learning_rate"), ("max_steps", "--max_steps")]
+    stage_pairs = {"sft": [("neat_packing", "--packing")],
+                   "dpo": [("pref_beta", "--beta"), ("pref_loss", "--loss_type")]}
+    for stage, data in (("sft", llamafactory.SFT_DATA), ("dpo", llamafactory.DPO_DATA)):
+        settings = llamafactory.settings(stage, steps=5, packing=stage == "sft")
+        theirs = llamafactory.their_config("m", tmp_path, tmp_path / "out", settings)
+        ours = llamafactory.our_flags("m", data, settings)
+        flag = dict(zip(ours[::2], ours[1::2], strict=True))
+        assert all(str(theirs[key]) == flag[ours_key] for key, ours_key in pairs + stage_pairs[stage])
+        assert theirs["stage"] == theirs["dataset"] == stage and theirs["bf16"] is theirs["fp16"] is False
+    llamafactory.write_datasets(tmp_path, llamafactory.SFT_DATA, llamafactory.DPO_DATA)
     info = json.loads((tmp_path / "dataset_info.json").read_text())
-    shipped = sum(1 for path in llamafactory.SFT_DATA.glob("*.jsonl") for _ in path.open())
-    assert sum(1 for _ in (tmp_path / info["medical_sft"]["file_name"]).open()) == shipped == 1450
+    for stage, data, count in (("sft", llamafactory.SFT_DATA, 1450), ("dpo", llamafactory.DPO_DATA, 400)):
+        shipped = sum(1 for path in data.glob("*.jsonl") for _ in path.open())
+        written = [json.loads(line) for line in (tmp_path / info[stage]["file_name"]).open()]
+        assert len(written) == shipped == count
+    assert written[0]["chosen"]["role"] == "assistant" and written[0]["messages"][-1]["role"] == "user"
 
 
 def test_dpo_half_batches_give_the_whole_batch_outputs_and_gradients(tiny_model_dir):
@@ -138,12 +144,18 @@ def test_dpo_half_batches_give_the_whole_batch_outputs_and_gradients(tiny_model_
 
 
 def test_compare_section_is_wired(tmp_path, monkeypatch):
-    measured = {"useful_tokens_per_s": 2.0, "packing_efficiency": 0.9}
-    fake = [{"packing": True, "ours": measured, "theirs": {**measured, "useful_tokens_per_s": 1.0}, "speedup": 2.0}]
-    monkeypatch.setattr(llamafactory, "compare", lambda model, steps: fake)
+    measured = {"useful_tokens_per_s": 2.0, "tokens_per_s": 3.0, "step_seconds": 1.0, "train_peak_mb": 5.0}
+    theirs = {**measured, "useful_tokens_per_s": 1.0}
+    fake = [{"stage": "sft", "data": "train", "packing": True, "ours": measured, "theirs": theirs, "speedup": 2.0,
+             "their_mode": "neat_packing"},
+            {"stage": "dpo", "data": "train", "ours": measured, "ours_half_batches": measured, "theirs": theirs,
+             "speedup": 2.0, "total_speedup": 1.0, "step_speedup": 0.9}]
+    monkeypatch.setattr(llamafactory, "compare", lambda model, steps, sft_data, dpo_data: fake)
     result = run.main(["--quick", "--sections", "preprocessing", "--compare", "llamafactory",
                        "--output_file", str(tmp_path / "cpu.json")])
-    assert result["compare_llamafactory"]["targets"]["useful_speedup"]["met"]
+    targets = result["compare_llamafactory"]["targets"]
+    assert targets["sft_packed_useful_vs_their_best_packed"]["met"] and targets["dpo_useful_tokens_per_s"]["met"]
+    assert not targets["dpo_step_speed"]["met"]
     assert set(json.loads((tmp_path / "cpu.json").read_text())) >= {"preprocessing", "compare_llamafactory"}
 
 

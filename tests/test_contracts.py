@@ -92,7 +92,7 @@ def test_dpo_policy_forward_is_one_fused_call_that_half_batches_reproduce(tokeni
     assert parameters(DPOTrainer.compute_loss) == ["self", "model", "inputs", "return_outputs", "num_items_in_batch"]
 
     trainer = TokenizedDPOTrainer(model=tiny_model, args=trainer_config(DPOConfig, tmp_path),
-                                  processing_class=tokenizer, train_dataset=preference_rows())
+                                  processing_class=tokenizer, train_dataset=preference_rows(), half_batches=True)
     batch = first_batch(trainer)
     calls = []
     original_call = _HalfBatches.__call__
@@ -110,6 +110,25 @@ def test_dpo_policy_forward_is_one_fused_call_that_half_batches_reproduce(tokeni
     assert all(value.shape[0] == rows for value in calls[0].values() if torch.is_tensor(value) and value.dim())
     whole = DPOTrainer.compute_loss(trainer, trainer.model, batch)
     torch.testing.assert_close(halves, whole)
+
+
+def test_dpo_trainer_adds_its_fused_head_in_init_and_its_loss_is_the_same_through_our_compact_head(
+        tokenizer, tiny_model, tmp_path):
+    """TokenizedDPOTrainer replaces TRL's fused LM head on the CPU after DPOTrainer.__init__ has added it (with the
+    use_weighting and aux_loss_enabled attributes read there), and TRL's loss must not change through it."""
+    from trl import DPOConfig
+    from trl.trainer.utils import add_fused_lm_head
+
+    from medicalgpt.trainers import TokenizedDPOTrainer
+
+    trainer = TokenizedDPOTrainer(model=tiny_model, args=trainer_config(DPOConfig, tmp_path),
+                                  processing_class=tokenizer, train_dataset=preference_rows())
+    assert "add_compact_lm_head" in trainer.model.forward.__func__.__code__.co_qualname
+    assert trainer.use_weighting is False and trainer.aux_loss_enabled is False
+    batch = first_batch(trainer)
+    ours = trainer.compute_loss(trainer.model, batch)
+    add_fused_lm_head(trainer.model, outputs=("log_probs", "entropy", "mean_logits", "is_top1"))
+    torch.testing.assert_close(ours, trainer.compute_loss(trainer.model, batch))
 
 
 # --- TRL: KTO (TokenizedKTOTrainer) -----------------------------------------------------------------------------------
@@ -191,15 +210,32 @@ def test_orpo_concatenated_forward_returns_shifted_chosen_logits_and_the_nll(tok
 
 # --- TRL: SFT (CPUFriendlySFTTrainer, PackedRowsCollator, pack_dataset) ----------------------------------------------
 
-def test_sft_compute_loss_and_aux_loss_flag(tokenizer, tiny_model, tmp_path):
-    """CPUFriendlySFTTrainer.compute_loss falls back to TRL's with the same arguments and reads aux_loss_enabled."""
-    from trl import SFTConfig, SFTTrainer
+def test_sft_trainer_adds_its_fused_head_in_init_and_logs_the_same_through_our_compact_head(
+        tokenizer, tiny_model, tmp_path):
+    """CPUFriendlySFTTrainer replaces TRL's fused LM head on the CPU after SFTTrainer.__init__ has added it (and set
+    aux_loss_enabled); TRL's compute_loss (evaluation's) must give the same loss, entropy and token accuracy through
+    it, reading the FusedCausalLMOutput fields the compact head fills."""
+    from trl import SFTConfig
+    from trl.trainer.utils import add_fused_lm_head
 
-    assert parameters(SFTTrainer.compute_loss) == ["self", "model", "inputs", "return_outputs", "num_items_in_batch"]
-    rows = Dataset.from_list([{"input_ids": [5, 6, 7, 8], "completion_mask": [0, 0, 1, 1]}] * ROWS)
-    trainer = SFTTrainer(model=tiny_model, args=trainer_config(SFTConfig, tmp_path), processing_class=tokenizer,
-                         train_dataset=rows)
+    from medicalgpt.trainers import CPUFriendlySFTTrainer
+
+    rows = Dataset.from_list([{"input_ids": [5, 6, 7, 8, 9], "completion_mask": [0, 0, 1, 1, 1]}] * ROWS)
+    trainer = CPUFriendlySFTTrainer(model=tiny_model, args=trainer_config(SFTConfig, tmp_path),
+                                    processing_class=tokenizer, train_dataset=rows)
+    assert "add_compact_lm_head" in trainer.model.forward.__func__.__code__.co_qualname
     assert trainer.aux_loss_enabled is False
+    batch = first_batch(trainer)
+    trainer.model.eval()
+    results = []
+    for _ in range(2):
+        loss = trainer.compute_loss(trainer.model, batch)
+        metrics = trainer._metrics["eval"]
+        results.append((loss, metrics["entropy"][-1], metrics["mean_token_accuracy"][-1]))
+        add_fused_lm_head(trainer.model, outputs=("log_probs", "entropy", "is_top1"))  # TRL's, for the second
+    (our_loss, *our_metrics), (trl_loss, *trl_metrics) = results
+    torch.testing.assert_close(our_loss, trl_loss)
+    assert our_metrics == pytest.approx(trl_metrics, rel=1e-5)
 
 
 def test_packing_gives_seq_lengths_and_the_collator_restarts_positions():
@@ -220,6 +256,36 @@ def test_packing_gives_seq_lengths_and_the_collator_restarts_positions():
     expected = [i - max(s for s in starts if s <= i) for i in range(sum(row["seq_lengths"]))]
     assert batch["position_ids"][0].tolist() == expected
     assert "attention_mask" not in batch
+
+
+def test_custom_attention_gets_position_ids_and_its_mask_function_the_mask_arguments(tiny_model_dir, monkeypatch):
+    """medicalgpt.packed_attention registers an attention function and a mask function under one name, and relies on
+    the attention function receiving the position ids as a keyword, the mask function attention_mask, q_length,
+    kv_length and q_offset, and find_packed_sequence_indices numbering a row's samples where positions restart."""
+    from transformers import AttentionInterface, AttentionMaskInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import find_packed_sequence_indices, sdpa_mask
+
+    seen = {}
+
+    def attention(module, query, key, value, attention_mask, **kwargs):
+        seen["position_ids"] = kwargs.get("position_ids")
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+    def mask(**kwargs):
+        seen["mask_kwargs"] = set(kwargs)
+        return sdpa_mask(**kwargs)
+
+    AttentionInterface.register("contract_probe", attention)
+    AttentionMaskInterface.register("contract_probe", mask)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    model.set_attn_implementation("contract_probe")
+    positions = torch.tensor([[0, 1, 2, 0, 1, 0, 0]])
+    model(input_ids=torch.tensor([[5, 6, 7, 8, 9, 0, 0]]), position_ids=positions, use_cache=False)
+    assert torch.equal(seen["position_ids"], positions)
+    assert {"attention_mask", "q_length", "kv_length", "q_offset"} <= seen["mask_kwargs"]
+    assert find_packed_sequence_indices(positions).tolist() == [[0, 0, 0, 1, 1, 2, 3]]
+    assert find_packed_sequence_indices(torch.arange(4)[None]) is None
 
 
 # --- peft: saved adapters, reward-model heads ---------------------------------------------------------------------

@@ -244,6 +244,31 @@ def test_dpo_trains_on_the_answers_of_pairs_longer_than_max_length(tiny_model_di
     assert batch["completion_mask"].sum(dim=1).min() > 80  # loss-bearing answer tokens in every row
 
 
+def test_dpo_compact_head_on_cpu_gives_trls_fused_head_outputs_and_gradients(tiny_model_dir):
+    from trl.trainer.utils import add_fused_lm_head
+
+    from medicalgpt.trainers import add_compact_lm_head
+
+    ids = torch.randint(3, 200, (4, 12), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, 9:] = mask[3, 7:] = 0
+    labels = ids.masked_fill(mask == 0, IGNORE_INDEX)
+    labels[:, :4] = IGNORE_INDEX  # the prompt
+    results = []
+    for add_head in (lambda model: add_fused_lm_head(model, outputs=("log_probs", "entropy", "mean_logits", "is_top1")),
+                     add_compact_lm_head):
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).train()
+        add_head(model)
+        output = model(input_ids=ids, attention_mask=mask, labels=labels, fused_lm_head=True)
+        output.loss.backward()
+        results.append([output.loss, output.log_probs, output.entropy, output.mean_logits, output.is_top1,
+                        output.label_mask, model.model.embed_tokens.weight.grad])
+    for theirs, ours in zip(*results, strict=True):
+        torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-4)
+    plain = model(input_ids=ids, attention_mask=mask, labels=labels)  # without fused_lm_head: the model's own
+    assert plain.logits.shape == (4, 12, model.config.vocab_size)
+
+
 def test_full_dpo_keeps_a_frozen_reference(tiny_model_dir, tmp_path, monkeypatch):
     built = capture(monkeypatch, dpo_training, "TokenizedDPOTrainer")
     dpo_training.main(["--model_name_or_path", tiny_model_dir, "--output_dir", str(tmp_path), *PAIRS, *FAST,

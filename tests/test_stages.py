@@ -125,7 +125,35 @@ def test_packed_samples_do_not_attend_to_each_other(tiny_model_dir, tokenizer):
     assert not torch.allclose(leaky_logits[0, span], alone_logits[0], atol=1e-3)
 
 
-def test_cpu_training_loss_and_gradients_equal_trls_fused_head(tiny_model_dir, tokenizer, tmp_path):
+def test_packed_attention_equals_masked_sdpa_with_padding_and_falls_back_under_a_mask(tiny_model_dir, tokenizer):
+    from medicalgpt.packed_attention import enable_packed_attention
+
+    samples = _tiny_conversations(tokenizer, [("哮喘用什么检查？", "肺功能检查。"), ("Dose of metformin?", "500 mg."),
+                                              ("发烧挂什么科？", "发热门诊。")])
+    packed = pack_sft_splits(samples, max_length=128)["train"]
+    rows = [packed[0], {"input_ids": samples["train"][0]["input_ids"], "labels": samples["train"][0]["labels"],
+                        "seq_lengths": [len(samples["train"][0]["input_ids"])]}]
+    batch = PackedRowsCollator(tokenizer.pad_token_id)(rows)  # row 1 is right-padded
+    lengths = torch.tensor([sum(row["seq_lengths"]) for row in rows])
+    real = torch.arange(batch["input_ids"].shape[1]) < lengths[:, None]
+    padded_batch = tokenizer.pad({"input_ids": [samples["train"][0]["input_ids"]]}, return_tensors="pt")
+    results = []
+    for packed_attention in (False, True):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="sdpa").train()
+        if packed_attention:
+            assert enable_packed_attention(model, 128)
+        output = model(**batch, use_cache=False)
+        output.loss.backward()
+        with torch.no_grad():  # a 2D padding mask: transformers' sdpa path, in both cases
+            masked = model(**padded_batch).logits
+        results.append((output.logits[real], output.loss, model.model.embed_tokens.weight.grad, masked))
+    for reference, ours in zip(*results, strict=True):
+        torch.testing.assert_close(ours, reference, atol=1e-5, rtol=1e-4)
+
+
+def test_cpu_training_loss_and_gradients_through_the_compact_head_equal_trls_fused_head(tiny_model_dir, tokenizer,
+                                                                                      tmp_path):
     from trl import SFTConfig, SFTTrainer
 
     from medicalgpt.trainers import CPUFriendlySFTTrainer
@@ -143,9 +171,9 @@ def test_cpu_training_loss_and_gradients_equal_trls_fused_head(tiny_model_dir, t
         loss = trainer.compute_loss(trainer.model, batch, num_items_in_batch=torch.tensor(trained_tokens))
         loss.backward()
         results.append((loss.detach(), trainer.model.model.embed_tokens.weight.grad.clone(),
-                        bool(trainer._metrics["train"]["entropy"])))  # only TRL's fused head logs entropy
-    (trl_loss, trl_grad, trl_fused), (our_loss, our_grad, our_fused) = results
-    assert trl_fused and not our_fused
+                        trainer.model.forward.__func__.__code__.co_qualname))
+    (trl_loss, trl_grad, trl_head), (our_loss, our_grad, our_head) = results
+    assert "add_fused_lm_head" in trl_head and "add_compact_lm_head" in our_head
     torch.testing.assert_close(our_loss, trl_loss, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(our_grad, trl_grad, atol=1e-6, rtol=1e-4)
 
