@@ -71,7 +71,15 @@ def test_preference_formats_normalise_alike():
                     "rejected": [{"role": "assistant", "content": "阿莫西林。"}]}
     alpaca_style = {"instruction": "痛风急性发作首选什么药？", "input": "", "chosen": "秋水仙碱。",
                     "rejected": "阿莫西林。"}
-    assert to_preference(MEDICALGPT_PAIR) == to_preference(openai_style) == to_preference(alpaca_style) == expected
+    medicalgpt_dpo_style = {"system": "", "history": [], "question": "痛风急性发作首选什么药？",  # dpo_zh_500.jsonl
+                            "response_chosen": "秋水仙碱。", "response_rejected": "阿莫西林。"}
+    assert (to_preference(MEDICALGPT_PAIR) == to_preference(openai_style) == to_preference(alpaca_style)
+            == to_preference(medicalgpt_dpo_style) == expected)
+    with_history = to_preference({**medicalgpt_dpo_style, "system": "你是医生。", "history": [["你好", "您好。"]]})
+    assert [m["role"] for m in with_history["messages"]] == ["system", "user", "assistant", "user"]
+    assert to_unpaired(medicalgpt_dpo_style)["completions"] == ["秋水仙碱。", "阿莫西林。"]
+    with pytest.raises(DataError, match="response_rejected: empty"):
+        to_preference({**medicalgpt_dpo_style, "response_rejected": " "})
 
 
 def test_medicalgpt_preference_file_loads_and_bad_pairs_name_file_and_line(tmp_path):

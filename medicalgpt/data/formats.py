@@ -193,6 +193,8 @@ def to_text(record: object) -> dict:
 
 def _response(record: dict, key: str) -> str:
     """A chosen/rejected/completion answer: a string, or OpenAI-style [{"role": "assistant", "content": ...}]."""
+    if key not in record and f"response_{key}" in record:  # MedicalGPT's DPO files: response_chosen, ...
+        key = f"response_{key}"
     if key not in record:
         raise DataError(f"{key}: missing")
     value = record[key]
@@ -215,8 +217,10 @@ def _prompt_messages(record: dict) -> tuple[list[dict], str]:
         if isinstance(prompt, str):
             return [{"role": "user", "content": _string(prompt, "prompt")}], "prompt"
         return _openai({"messages": prompt}), "prompt"
-    raise DataError(f"{FORMAT_KEYS[kind]}: a {kind} record where a preference prompt (conversations, prompt or "
-                    "instruction) was expected")
+    if kind == "question":  # MedicalGPT's DPO files: {system, history, question, response_chosen, response_rejected}
+        return _alpaca({**record, "instruction": _question_prompt(record), "output": "-"})[:-1], "question"
+    raise DataError(f"{FORMAT_KEYS[kind]}: a {kind} record where a preference prompt (conversations, prompt, "
+                    "instruction or question) was expected")
 
 
 def to_preference(record: object) -> dict:
@@ -235,7 +239,7 @@ def to_unpaired(record: object) -> dict:
     A prompt/completion/label record gives one completion; a preference pair gives two, its chosen answer
     desirable and its rejected one not.
     """
-    if isinstance(record, dict) and "chosen" in record:
+    if isinstance(record, dict) and ("chosen" in record or "response_chosen" in record):
         pair = to_preference(record)
         return {"messages": pair["messages"], "tools": pair["tools"],
                 "completions": [pair["chosen"], pair["rejected"]], "labels": [True, False]}
