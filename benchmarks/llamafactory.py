@@ -138,6 +138,12 @@ def run_theirs(config: dict, folder: Path) -> dict:
     return json.loads((folder / "theirs.json").read_text())
 
 
+def data_label(data: Path) -> str:
+    """The data's path inside the repository (data/sft/train), else its file name."""
+    path = Path(data).resolve()
+    return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else path.name
+
+
 def useful_share(model: str, data: Path) -> float:
     """Loss-bearing ÷ all tokens of the SFT data as our template renders it: one count of the data, applied to both
     tools (their ChatML template marks one token more per answer as trained, which is no extra work)."""
@@ -172,7 +178,7 @@ def compare_sft(model: str, data: Path, steps: dict[bool, int], folder: Path) ->
             run["own_useful_tokens_per_s"] = run["useful_tokens_per_s"]
             run["useful_tokens_per_s"] = run["real_tokens"] / run["seconds"] * share
         best = max(theirs, key=lambda mode: theirs[mode]["useful_tokens_per_s"])
-        rows.append({"stage": "sft", "data": data.name, "packing": packing, "settings": s, "useful_share": share,
+        rows.append({"stage": "sft", "data": data_label(data), "packing": packing, "settings": s, "useful_share": share,
                      "ours": ours, "theirs": theirs[best], "their_mode": best, "their_runs": theirs,
                      "speedup": ours["useful_tokens_per_s"] / theirs[best]["useful_tokens_per_s"]})
     return rows
@@ -185,7 +191,7 @@ def compare_dpo(model: str, data: Path, steps: int, folder: Path) -> dict:
     theirs = run_theirs(their_config(model, folder, folder / "lf", s), folder)
     ours, half = (run_stage("dpo_training", [*our_flags(model, data, s), "--half_batches", str(on)],
                             folder / f"ours-dpo-{on}", count_batches=True) for on in (False, True))
-    return {"stage": "dpo", "data": data.name, "settings": s, "ours": ours, "ours_half_batches": half,
+    return {"stage": "dpo", "data": data_label(data), "settings": s, "ours": ours, "ours_half_batches": half,
             "theirs": theirs, "speedup": ours["useful_tokens_per_s"] / theirs["useful_tokens_per_s"],
             "total_speedup": ours["tokens_per_s"] / theirs["tokens_per_s"],
             "step_speedup": theirs["step_seconds"] / ours["step_seconds"]}
