@@ -1,4 +1,4 @@
-"""Check a dataset before training: read it exactly as a stage would and report, per file, the records, the
+r"""Check a dataset before training: read it exactly as a stage would and report, per file, the records, the
 detected format, every problem by file:line and field (tool calls too: invalid JSON, a tool not in `tools`, a
 required argument missing), token-length percentiles with the stage's tokenizer and
 chat template, how many samples --max_length would truncate and how many assistant turns would carry no loss, and

@@ -1,4 +1,4 @@
-"""All benchmarks in one run: a table per section, and JSON in benchmarks/results/<suite>.json.
+r"""All benchmarks in one run: a table per section, and JSON in benchmarks/results/<suite>.json.
 
     OMP_NUM_THREADS=1 python benchmarks/run.py --suite cpu                # ~15 min on 2 cores, one thread
     python -m benchmarks.run --suite cpu --quick                          # everything on the tiny model, seconds

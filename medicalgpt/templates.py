@@ -81,14 +81,15 @@ def holds_special_tokens(tokenizer, messages: list[dict]) -> bool:
 def encode_rendered(tokenizer, text: str) -> list[int]:
     """Ids of rendered text whose special-token strings are control tokens while placeholders (escaped content)
     become the plain text they stand for. Without placeholders this equals tokenizer.encode(text), which also
-    tokenises the text between special tokens separately."""
+    tokenises the text between special tokens separately. Quiet about text longer than the tokenizer's
+    model_max_length: every caller measures the length itself and reports or fits over-long samples."""
     specials, pattern = _special_tokens(tokenizer)
     plain = {_PLACEHOLDER_BASE + i: special for i, special in enumerate(specials)}
     ids, start = [], 0
     for match in [*pattern.finditer(text), None]:
         between = text[start: match.start() if match else len(text)].translate(plain)
         if between:
-            ids += tokenizer.encode(between, add_special_tokens=False, split_special_tokens=True)
+            ids += tokenizer.encode(between, add_special_tokens=False, split_special_tokens=True, verbose=False)
         if match:
             ids.append(tokenizer.convert_tokens_to_ids(match.group()))
             start = match.end()

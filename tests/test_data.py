@@ -195,6 +195,34 @@ def test_sft_truncation_drops_samples_without_assistant_tokens(tokenizer, caplog
                          get_template("chatml"), max_length=32)
 
 
+def test_over_long_text_is_encoded_without_the_tokenizers_indexing_warning(tiny_model_dir):
+    """The stages measure and report over-long samples themselves (PT cuts documents into blocks), so transformers'
+    "will result in indexing errors" warning would be wrong news."""
+    from transformers import AutoTokenizer
+
+    def warned(encode) -> bool:
+        tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir, model_max_length=8)  # fresh: it warns only once
+        records = []
+        handler = logging.Handler()
+        handler.emit = records.append
+        logger = logging.getLogger("transformers.tokenization_utils_base")
+        logger.addHandler(handler)
+        try:
+            encode(tokenizer)
+        finally:
+            logger.removeHandler(handler)
+        return any("indexing errors" in r.getMessage() for r in records)
+
+    long_text = "高血压患者应低盐饮食 " * 10
+    assert warned(lambda tok: tok(long_text))  # the warning the stages must not trigger
+    documents = DatasetDict({"train": Dataset.from_list([{"text": long_text}])})
+    assert not warned(lambda tok: build_pretraining_splits(documents, tok, block_size=4))
+    conversation = {"messages": [{"role": "user", "content": long_text},
+                                 {"role": "assistant", "content": long_text}], "tools": ""}
+    conversations = DatasetDict({"train": Dataset.from_list([conversation])})
+    assert not warned(lambda tok: build_sft_splits(conversations, tok, get_template("chatml"), max_length=512))
+
+
 def test_second_load_reuses_the_cache_with_its_report(tmp_path, caplog):
     path = write_jsonl(tmp_path / "mixed.jsonl", [SHAREGPT, "not json", SHAREGPT])
     caplog.set_level(logging.INFO)

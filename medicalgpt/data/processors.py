@@ -35,7 +35,8 @@ def build_pretraining_splits(splits: Splits, tokenizer, block_size: int, num_pro
         raise UsageError("the tokenizer has no EOS token to separate documents; pass a tokenizer with one")
 
     def tokenize(batch: dict) -> dict:
-        ids = tokenizer(batch["text"], add_special_tokens=False)["input_ids"]
+        # verbose=False: a document longer than the model's maximum is expected here; group() cuts it into blocks.
+        ids = tokenizer(batch["text"], add_special_tokens=False, verbose=False)["input_ids"]
         return {"input_ids": [doc + [tokenizer.eos_token_id] for doc in ids]}
 
     def group(batch: dict) -> dict:
