@@ -20,7 +20,7 @@ if [ "${FAST:-0}" = 1 ]; then   # a smoke run: a few steps of every stage
     EVAL=(--max_new_tokens 8) MODEL_SIZE=tiny STUDENT_LAYERS=0   # the tiny model has 2 layers
 else
     PT=(--num_train_epochs 30) SFT=(--num_train_epochs 4) PREF=(--num_train_epochs 2) DPO=(--num_train_epochs 3)
-    RL=(--max_steps 40) GRPO_WARMUP=(--num_train_epochs 6) GRPO=(--max_steps 60) DISTILL=(--max_steps 120)
+    RL=(--max_steps 50) GRPO_WARMUP=(--num_train_epochs 6) GRPO=(--max_steps 60) DISTILL=(--max_steps 120)
     STUDENT_SFT=(--num_train_epochs 1)
     TOOLS=(--max_steps 80) TOOL_TOKENS=96
     EVAL=() MODEL_SIZE=default STUDENT_LAYERS=0,3   # the first and last of 4
@@ -87,6 +87,7 @@ evaluate --name rm --model_name_or_path "$OUT/sft-merged" --preference_file data
     "${REWARD_EVAL[@]}"
 
 stage "PPO from the SFT model against the reward model"
+# 50 steps: at 40 the held-out reward had gone 47% of the way to the references', at 60 past them with MCQ lower.
 python ppo_training.py --model_name_or_path "$OUT/sft-merged" --reward_model "$OUT/rm" --output_dir "$OUT/ppo" \
     --train_file_dir data/sft/train --batch_size 8 --mini_batch_size 4 --max_new_tokens 32 --learning_rate 3e-4 \
     --lora_rank 16 --lora_alpha 32 --kl_coef 0.3 --report_to tensorboard "${RL[@]}"

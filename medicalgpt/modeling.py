@@ -51,7 +51,10 @@ def adapter_base(lora_model: str) -> str | None:
     """The base model a LoRA adapter was trained on, as its adapter_config.json records it."""
     config = Path(lora_model, "adapter_config.json")
     if not config.is_file():
-        raise UsageError(f"--lora_model {lora_model}: no adapter_config.json there (not a LoRA adapter)")
+        # A checkpoint folder holds its adapter one level down (PPO's checkpoint-N/policy): name it.
+        below = sorted(str(found.parent) for found in Path(lora_model).glob("*/adapter_config.json"))
+        hint = f"; adapters one level down: {', '.join(below)}" if below else ""
+        raise UsageError(f"--lora_model {lora_model}: no adapter_config.json there (not a LoRA adapter){hint}")
     return json.loads(config.read_text(encoding="utf-8")).get("base_model_name_or_path")
 
 

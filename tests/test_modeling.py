@@ -7,7 +7,8 @@ import torch
 
 from medicalgpt.args import LoraArguments, ModelArguments
 from medicalgpt.data import load_splits, to_conversation
-from medicalgpt.modeling import apply_lora, find_linear_modules, load_model, resolve_dtype
+from medicalgpt.errors import UsageError
+from medicalgpt.modeling import adapter_base, apply_lora, find_linear_modules, load_model, resolve_dtype
 
 NO_CHECKPOINTING = SimpleNamespace(activation_checkpointing=False)
 
@@ -83,3 +84,13 @@ def test_qlora_keeps_the_frozen_unquantized_weights_in_their_dtype(tiny_model_di
     grads = {name: p.grad for name, p in model.named_parameters() if p.requires_grad}
     assert all(grad is not None for grad in grads.values())
     assert all(grad.abs().sum() > 0 for name, grad in grads.items() if "lora_B" in name)  # lora_B starts at 0
+
+
+def test_a_folder_without_an_adapter_names_the_adapters_inside_it(tmp_path):
+    (tmp_path / "checkpoint-40" / "policy").mkdir(parents=True)  # PPO's checkpoint layout
+    (tmp_path / "checkpoint-40" / "policy" / "adapter_config.json").write_text('{"base_model_name_or_path": "m"}')
+    with pytest.raises(UsageError, match="one level down: .*checkpoint-40/policy"):
+        adapter_base(str(tmp_path / "checkpoint-40"))
+    assert adapter_base(str(tmp_path / "checkpoint-40" / "policy")) == "m"
+    with pytest.raises(UsageError, match=r"not a LoRA adapter\)$"):
+        adapter_base(str(tmp_path))  # nothing one level down: no hint
