@@ -29,5 +29,11 @@ logging.getLogger("kernels._internals.hf_hub").addFilter(
     DropMessages("Skipping publisher trust check for 'kernels-community/quantization-bitsandbytes'"))
 # transformers 5 deprecated the property that peft (wrapping a model) and TRL (generating) still read.
 warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+# For MoE models with fused experts (DeepSeek-V3, GLM-4-MoE) peft maps gate_proj + up_proj onto the fused gate_up_proj
+# parameter with a rank and alpha pattern of its own (2r, 2 alpha), applies it, then warns that the pattern matched
+# no targeted module: it checks modules, not parameters. Only that exact list is dropped: a user's own still warns.
+warnings.filterwarnings("ignore", category=RuntimeWarning, message=(
+    r"The following (rank|alpha)_pattern keys did not match any targeted module and were ignored: "
+    r"\['\.\*\\\\\.gate_up_proj'\]\.$"))
 # ORPO and CPO exist only in trl.experimental: using them is this toolkit's choice, not the user's news.
 warnings.filterwarnings("ignore", message="You are importing from 'trl.experimental'")
