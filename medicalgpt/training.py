@@ -284,6 +284,9 @@ def train_and_save(trainer: Trainer, resume_from_checkpoint: str | None, report_
         trainer.save_metrics("eval", eval_metrics)
         metrics.update(eval_metrics)
     write_loss_plot(trainer.args, trainer.state, plotted)
+    # Under torchrun/accelerate launch, a process that exits with its gloo process group alive can abort in teardown
+    # ("terminate called without an active exception", seen once in CI), failing a launch whose run was complete.
+    trainer.accelerator.end_training()
     return metrics
 
 
