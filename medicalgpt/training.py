@@ -284,10 +284,21 @@ def train_and_save(trainer: Trainer, resume_from_checkpoint: str | None, report_
         trainer.save_metrics("eval", eval_metrics)
         metrics.update(eval_metrics)
     write_loss_plot(trainer.args, trainer.state, plotted)
-    # Under torchrun/accelerate launch, a process that exits with its gloo process group alive can abort in teardown
-    # ("terminate called without an active exception", seen once in CI), failing a launch whose run was complete.
-    trainer.accelerator.end_training()
+    end_process_group(trainer)
     return metrics
+
+
+def end_process_group(trainer: Trainer) -> None:
+    """Free the DDP wrapper, then end the process group, so a launched process exits cleanly after saving.
+
+    A gloo worker thread still destroying its last collective's tensors needs the GIL. A process group freed along
+    with DDP's reducer (which holds the GIL) waits for that thread forever; one freed at interpreter exit aborts
+    ("terminate called without an active exception"): pytorch/pytorch#56297 and #179291, both seen here under
+    accelerate launch. Freed by destroy_process_group, its last reference, the group releases the GIL first.
+    """
+    trainer.model_wrapped = trainer.model
+    trainer.accelerator.free_memory()  # drops its own references to the DDP wrapper and collects cycles
+    trainer.accelerator.end_training()
 
 
 # Defaults that depend on the machine, so no config file can hold them: mixed precision on GPUs that have bf16.

@@ -6,6 +6,7 @@ import importlib
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -36,11 +37,16 @@ TRAINER_STAGES = ["pretraining", "supervised_finetuning", "reward_modeling", "dp
 def launch(command: list[str]) -> str:
     """Run a launcher from the repository root, one thread per process, as on CI; its output."""
     # CI=true: transformers then propagates its log records too, which once printed every line twice.
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRL_EXPERIMENTAL_SILENCE": "1", "CI": "true"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRL_EXPERIMENTAL_SILENCE": "1", "CI": "true",
+           "PYTHONPATH": str(ROOT / "tests" / "probes")}
     run = subprocess.run([sys.executable, "-m", *command], cwd=ROOT, env=env, capture_output=True, text=True,
                          timeout=300)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
-    return run.stdout + run.stderr
+    output = run.stdout + run.stderr
+    # Each rank ends its process group after the DDP wrapper is gone: a hang at exit otherwise (end_process_group).
+    assert sorted(re.findall(r"rank (\d): (\d+) DDP wrappers alive at destroy_process_group", output)) == [
+        ("0", "0"), ("1", "0")]
+    return output
 
 
 def check_one_trained_model(out: Path, output: str, steps: int, global_batch: int, weights: str) -> list[float]:
