@@ -50,6 +50,12 @@ def matmul_peak_flops(n: int, repeats: int, device: str = "cpu", dtype: torch.dt
 
 def batch_tokens(inputs: dict) -> tuple[int, int, int]:
     """(total, real, useful) tokens of one causal-LM batch: padded size, non-padding, loss-bearing."""
+    if inputs.get("input_ids") is None and inputs.get("completion_ids") is not None:
+        # An on-policy batch (TRL's distillation): its prompts, then the answers generated in the step, which train.
+        inputs = {"input_ids": torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1),
+                  "attention_mask": torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1),
+                  "completion_mask": torch.cat([torch.zeros_like(inputs["prompt_mask"]), inputs["completion_mask"]],
+                                               dim=1)}
     input_ids = inputs.get("input_ids")
     if input_ids is None:  # TRL's reward trainer names its inputs per side
         return 0, 0, 0
@@ -128,7 +134,9 @@ class Meter(TrainerCallback):
         # Not the reference model's or evaluation's forwards (no gradients), nor a checkpointed forward re-run
         # inside backward (graph task id -1: not inside backward).
         if module.training and torch.is_grad_enabled() and torch._C._current_graph_task_id() == -1:
-            self.add(batch_tokens(kwargs))
+            # TRL's DistillationTrainer passes its batch positionally (trl.models.utils._ForwardRedirection).
+            batch = kwargs or next((arg for arg in args if isinstance(arg, dict)), {})
+            self.add(batch_tokens(batch))
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if not self.count_batches:

@@ -23,6 +23,11 @@ def test_batch_tokens_counts_padding_and_loss_tokens():
     additive = torch.full((2, 1, 4, 4), torch.finfo(torch.float32).min).triu(1)
     additive[1, :, 3, :] = torch.finfo(torch.float32).min
     assert batch_tokens({**padded, "attention_mask": additive}) == (8, 7, 4)
+    # An on-policy batch: left-padded prompts, then generated answers (right-padded); only the answers train.
+    on_policy = {"prompt_ids": torch.zeros(2, 3, dtype=torch.long), "prompt_mask": torch.tensor([[0, 1, 1], [1, 1, 1]]),
+                 "completion_ids": torch.zeros(2, 2, dtype=torch.long),
+                 "completion_mask": torch.tensor([[1, 1], [1, 0]])}
+    assert batch_tokens(on_policy) == (10, 8, 3)
 
 
 def test_quick_cpu_suite(tmp_path):
@@ -45,6 +50,7 @@ def test_quick_cpu_suite(tmp_path):
     stages = {r["config"]: r for r in result["stages"]["rows"]}
     assert set(stages) == {"sft", "pt", "dpo", "dpo_half_batches", "dpo_precomputed_ref", "rm", "distill"}
     assert stages["sft"]["step_vs_sft"] == 1 and all(r["step_seconds"] > 0 for r in stages.values())
+    assert all(r["tokens_per_step"] > 0 for r in stages.values())
 
     files = len(list(preprocessing.SHIPPED.glob("*.jsonl")))  # the 1,000 quick records, split evenly over them
     (prepared,) = result["preprocessing"]["rows"]
