@@ -17,6 +17,8 @@ Metrics (each from its own flag):
   conversation's tools; right when it calls the expected tool with exactly the expected arguments (parsed JSON
   equality), or makes no call where the reference answers without one (tool_call_accuracy), and when it picks the
   right tool, or none (tool_choice_accuracy);
+- in-context copying (--copy_accuracy): random token strings, each shown twice; the share of the second copy the
+  model predicts (tool arguments and grounded answers are copied out of the prompt);
 - a distilled student's distance from its teacher (--teacher_model): the mean per-token KL(teacher || student)
   on the reference answers of held-out conversations (--kl_file);
 - retrieval over a document index (--rag_index, built by rag.py): recall@1 and @k of each question's source document
@@ -47,6 +49,7 @@ from medicalgpt.data.processors import prompt_and_response
 from medicalgpt.data.readers import find_data_files, iter_records
 from medicalgpt.errors import DataError, UsageError, run_cli
 from medicalgpt.evaluation import (
+    copy_accuracy,
     mcq_loglik_accuracy,
     perplexity,
     preference_accuracy,
@@ -98,6 +101,9 @@ class EvalArguments(AdapterArguments):
     num_questions: int = field(default=5, metadata={"help": "Sample answers to print from --questions_file."})
     tool_file: str | None = field(default=None, metadata={
         "help": "Tool-calling conversations (with tools): tool-call accuracy of the model's first reply."})
+    copy_accuracy: bool = field(default=False, metadata={"help": (
+        "In-context copying: how much of a random token string the model repeats after seeing it once (tool "
+        "arguments and grounded answers need it).")})
     teacher_model: str | None = field(default=None, metadata={
         "help": "Report the KL of this teacher's next-token distributions from the model's (distillation)."})
     kl_file: str = field(default="data/sft/validation", metadata={
@@ -287,6 +293,9 @@ def evaluate_model(model_args: ModelArguments, args: EvalArguments, rag_args: Ra
         metrics["answer_accuracy"] = answer_accuracy(model, tokenizer, template, args)
     if args.tool_file:
         metrics.update(tool_accuracy(model, tokenizer, template, args))
+    if args.copy_accuracy:
+        added = set(tokenizer.get_added_vocab().values())  # special and control tokens: never in a user's text
+        metrics["copy_accuracy"] = copy_accuracy(model, [i for i in range(len(tokenizer)) if i not in added])
     if args.teacher_model:
         metrics["teacher_kl"] = distance_from_teacher(model, model_args, tokenizer, template, args)
     if rag_args and rag_args.rag_index:

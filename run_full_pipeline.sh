@@ -5,7 +5,8 @@
 #   plus an SFT run without PT (what PT is worth), distillation of the SFT model into a student made of two of its
 #   layers (against plain SFT of the same student), merged models and sample answers through inference.py.
 #   RAG: the SFT model answers from data/rag's documents, without and with retrieval (docs/rag.md).
-#   Tool use: SFT of the SFT model on data/tools, with tool-call accuracy before and after (docs/tool-calling.md).
+#   Tool use: SFT of the SFT model on data/tools, with tool-call and in-context copy accuracy before and after
+#   (docs/tool-calling.md).
 # Writes $OUT/results.{json,md} (the table), $OUT/curves.png (every stage's curves) and each stage's outputs.
 # FAST=1 runs a few steps of everything (the test suite's end-to-end check).
 set -euo pipefail
@@ -126,8 +127,8 @@ stage "RAG: index data/rag/docs; the SFT model answers questions only they answe
 python rag.py index data/rag/docs --index_dir "$OUT/rag-index"
 evaluate --name rag --model_name_or_path "$OUT/sft-merged" --rag_index "$OUT/rag-index"
 
-stage "Tool use: full SFT of the SFT model on data/tools (three medical tools), tool-call accuracy before and after"
-TOOL_EVAL=(--tool_file data/tools/validation --max_new_tokens "$TOOL_TOKENS")
+stage "Tool use: full SFT of the SFT model on data/tools (three medical tools), tool and copy accuracy before and after"
+TOOL_EVAL=(--tool_file data/tools/validation --max_new_tokens "$TOOL_TOKENS" --copy_accuracy True)
 evaluate --name tools_before --model_name_or_path "$OUT/sft-merged" "${TOOL_EVAL[@]}"
 python supervised_finetuning.py --model_name_or_path "$OUT/sft-merged" --output_dir "$OUT/tools" --use_peft False \
     --train_file_dir data/tools/train --max_length 768 --packing True --learning_rate 2e-3 --warmup_steps 5 \

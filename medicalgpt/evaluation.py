@@ -1,5 +1,5 @@
 """Held-out metrics: perplexity, multiple-choice, preference and reward-model accuracy, from answer log-probs;
-the KL of a distilled student from its teacher."""
+the KL of a distilled student from its teacher; in-context copying."""
 
 import math
 from collections.abc import Iterator
@@ -130,3 +130,25 @@ def perplexity(model, blocks: list[list[int]], batch_size: int = 8) -> float:
     """exp(mean negative log-likelihood over every predicted token), ignoring padding."""
     results = answer_logprobs(model, [(block[:1], block[1:]) for block in blocks], batch_size)
     return math.exp(-sum(total for total, _ in results) / sum(length for _, length in results))
+
+
+def copy_accuracy(model, token_ids: list[int], lengths: tuple[int, ...] = (8, 24, 48), strings: int = 32,
+                  seed: int = 0) -> float:
+    """In-context copying: random strings of token_ids, each followed by itself; the share of the repeat's tokens
+    (after its first) that the model predicts greedily, over all lengths.
+
+    Tool-call arguments and answers grounded in retrieved text copy words out of the prompt: a model near 0 here
+    gets them wrong however much it is fine-tuned on them (docs/tool-calling.md).
+    """
+    generator = torch.Generator().manual_seed(seed)
+    pool = torch.tensor(token_ids)
+    right = total = 0
+    for length in lengths:
+        string = pool[torch.randint(len(pool), (strings, length), generator=generator)]
+        input_ids = torch.cat([string, string], dim=1).to(model.device)
+        with torch.no_grad():
+            # The logits at the repeat's k-th token (k >= 0) predict its (k+1)-th.
+            predicted = model(input_ids=input_ids).logits[:, length:-1].argmax(-1)
+        right += (predicted == input_ids[:, length + 1:]).sum().item()
+        total += predicted.numel()
+    return right / total

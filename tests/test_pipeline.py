@@ -12,7 +12,13 @@ import pytest
 import torch
 from datasets import Dataset
 
-from medicalgpt.evaluation import mcq_loglik_accuracy, perplexity, preference_accuracy, reward_model_accuracy
+from medicalgpt.evaluation import (
+    copy_accuracy,
+    mcq_loglik_accuracy,
+    perplexity,
+    preference_accuracy,
+    reward_model_accuracy,
+)
 from medicalgpt.report import write_report
 from medicalgpt.templates import get_template
 
@@ -35,6 +41,29 @@ class Forced(torch.nn.Module):
 def test_perplexity_of_a_uniform_model_is_the_vocabulary_size():
     blocks = [[1, 2, 3, 4, 5], [6, 7, 8]]  # different lengths: padding must not count
     assert perplexity(Forced(50), blocks, batch_size=2) == pytest.approx(50, rel=1e-5)
+
+
+class Copier(torch.nn.Module):
+    """A 'model' that predicts, for a string shown twice, the token one string-length back; only for short strings."""
+
+    def __init__(self, vocab_size: int, up_to: int):
+        super().__init__()
+        self.vocab_size, self.up_to, self.device = vocab_size, up_to, torch.device("cpu")
+
+    def forward(self, input_ids, **kwargs):
+        length = input_ids.shape[1] // 2
+        logits = torch.zeros(*input_ids.shape, self.vocab_size)
+        if length <= self.up_to:
+            # Position t of the repeat predicts token t + 1, the one at t + 1 - length in the first copy.
+            logits[:, length:-1].scatter_(-1, input_ids[:, 1:length].unsqueeze(-1), 1.0)
+        return SimpleNamespace(logits=logits)
+
+
+def test_copy_accuracy_counts_the_repeated_tokens_predicted():
+    token_ids = list(range(10, 40))  # never 0, which an all-zero row of logits predicts
+    assert copy_accuracy(Copier(50, up_to=48), token_ids) == 1.0
+    assert copy_accuracy(Copier(50, up_to=8), token_ids) == 7 / (7 + 23 + 47)  # only the 8-token strings' repeats
+    assert copy_accuracy(Forced(50), token_ids) == 0.0
 
 
 def test_mcq_picks_the_option_the_model_prefers(tokenizer):
@@ -121,7 +150,7 @@ def test_fast_pipeline_runs_every_stage_end_to_end(tmp_path):
     assert all({"teacher_kl", "answer_accuracy"} <= set(metrics[name]) for name in students)
     assert metrics["rag"]["rag_recall@3"] == 1.0 and {"answer_accuracy_rag", "answer_accuracy_no_rag"} <= set(
         metrics["rag"])
-    tool_metrics = {"tool_call_accuracy", "tool_choice_accuracy"}
+    tool_metrics = {"tool_call_accuracy", "tool_choice_accuracy", "copy_accuracy"}
     assert all(tool_metrics <= set(metrics[name]) for name in ("tools_before", "tools"))
     assert all(not math.isnan(v) for m in metrics.values() for v in m.values())
     for artefact in ("pt/model.safetensors", "sft-merged/model.safetensors", "rm/adapter_model.safetensors",
